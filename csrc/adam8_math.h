@@ -1,0 +1,147 @@
+// The math of every adam8 kernel, written once.
+//
+// Each function is a template over the lane type: `float` (CUDA threads and the CPU's scalar tail)
+// or a CPU SIMD vector (cpu/simd.h overloads the few primitives used here). CPU and CUDA therefore
+// compute the same expressions in the same order; the build turns off FMA contraction on both so
+// the only fused multiply-adds are the explicit `fmadd` calls below.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define ADAM8_HD __host__ __device__ __forceinline__
+#else
+#define ADAM8_HD inline
+#endif
+
+namespace adam8 {
+
+// One fp32 absmax per 256 state values, as bitsandbytes' blockwise 8-bit optimizers.
+constexpr int64_t kStateBlock = 256;
+// Entries of a quantization code (the dynamic maps have 256).
+constexpr int kCodeSize = 256;
+
+// ---------------------------------------------------------------- scalar lane primitives
+ADAM8_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+ADAM8_HD float vsqrt(float x) { return sqrtf(x); }
+ADAM8_HD float vabs(float x) { return fabsf(x); }
+// a > b ? a : b, the semantics of x86 maxps, so scalar and vector reductions agree.
+ADAM8_HD float vmax(float a, float b) { return a > b ? a : b; }
+ADAM8_HD int32_t imin(int32_t a, int32_t b) { return a < b ? a : b; }
+ADAM8_HD int32_t imax(int32_t a, int32_t b) { return a > b ? a : b; }
+ADAM8_HD int32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t i;
+  std::memcpy(&i, &x, sizeof(i));
+  return i;
+#endif
+}
+ADAM8_HD int32_t gt_as_int(int32_t a, int32_t b) { return a > b ? 1 : 0; }
+ADAM8_HD float gather(const float* table, int32_t i) { return table[i]; }
+ADAM8_HD int32_t gather(const int32_t* table, int32_t i) { return table[i]; }
+
+// ---------------------------------------------------------------- Adam
+// Per-tensor constants of one step, derived in double from the step count and the learning rate
+// (both read from tensors, so neither is baked into a compiled graph).
+struct AdamScalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  float step_size;     // lr / (1 - beta1^t)
+  float inv_sqrt_bc2;  // 1 / sqrt(1 - beta2^t)
+  float decay;         // 1 - lr * weight_decay: decoupled decay, as torch.optim.AdamW
+};
+
+ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double beta2, double eps,
+                                  double weight_decay) {
+  AdamScalars s;
+  s.beta1 = static_cast<float>(beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  s.inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  return s;
+}
+
+// One Adam step on one lane: p <- p*(1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+// with m and v the new moments (Kingma & Ba, Algorithm 1; decay as Loshchilov & Hutter).
+template <class V>
+ADAM8_HD void adam_update(V& p, V g, V& m, V& v, const AdamScalars& s) {
+  m = fmadd(V(s.beta1), m, V(s.one_minus_beta1) * g);
+  v = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * (g * g));
+  V denom = fmadd(vsqrt(v), V(s.inv_sqrt_bc2), V(s.eps));
+  p = p * V(s.decay) - V(s.step_size) * m / denom;
+}
+
+// ---------------------------------------------------------------- 8-bit codes
+// Nearest-code quantization without a search. |x| is bucketed by its float exponent and its top
+// kLutMantBits mantissa bits. When no bucket holds more than one decision bound (a midpoint
+// between neighbouring codes), the code index is the number of bounds below the bucket plus one
+// if x exceeds the bound inside it. x and that bound share their top 16 bits, so the comparison
+// needs only their low 16 bits: one 32-bit table entry per bucket holds both numbers, and a
+// quantization costs one table read instead of eight dependent ones of a binary search. Both of
+// bitsandbytes' dynamic maps qualify with 7 mantissa bits (the unsigned map's codes are 0.007
+// apart near 1; its buckets there are 0.0039 wide). quant_lut.cpp builds the table and checks.
+constexpr int kLutMantBits = 7;
+constexpr int kLutMinExp = -23;  // |x| < 2^-23 shares the lowest bucket
+constexpr int kLutMaxExp = 0;    // |x| >= 2 shares the highest bucket
+constexpr int kLutBuckets = (kLutMaxExp - kLutMinExp + 1) << kLutMantBits;  // per sign
+constexpr int kLutSize = 2 * kLutBuckets;  // positive buckets, then negative ones
+constexpr int32_t kLutKeyBias = (127 + kLutMinExp) << kLutMantBits;
+// Entry = index << 16 | low 16 bits of the bound, in the order of |x| for positive buckets and
+// reversed (complemented) for negative ones; kNoBound where x never exceeds a bound in the bucket.
+constexpr int32_t kNoBound = 0xffff;
+
+// Read-only view of a code and its lookup table.
+struct QuantLut {
+  const float* code;     // kCodeSize values, ascending
+  const float* bounds;   // kCodeSize - 1 midpoints (code[i] + code[i+1]) / 2
+  const int32_t* entry;  // kLutSize entries
+  bool fast;             // the table is valid for this code
+};
+
+// Bucket of x: its table entry's index.
+template <class F, class I>
+ADAM8_HD I lut_key(F x) {
+  I bits = bits_of(x);
+  I key = ((bits & I(0x7fffffff)) >> (23 - kLutMantBits)) - I(kLutKeyBias);
+  return imin(imax(key, I(0)), I(kLutBuckets - 1)) + ((bits >> 31) & I(kLutBuckets));
+}
+
+// Code index of x from its bucket's entry.
+template <class F, class I>
+ADAM8_HD I lut_resolve(F x, I entry) {
+  I bits = bits_of(x);
+  I low = (bits ^ (bits >> 31)) & I(0xffff);  // complemented for negative x
+  return (entry >> 16) + gt_as_int(low, entry & I(0xffff));
+}
+
+// Index of the code nearest to x (ties to the lower index), i.e. the number of bounds below x.
+template <class F, class I>
+ADAM8_HD I code_index_lut(F x, const QuantLut& q) {
+  return lut_resolve<F, I>(x, gather(q.entry, lut_key<F, I>(x)));
+}
+
+// The same index by binary search over the 255 bounds, for codes the tables do not fit.
+ADAM8_HD int32_t code_index_search(float x, const float* bounds) {
+  int32_t pos = 0;
+  for (int32_t step = kCodeSize / 2; step >= 1; step >>= 1) {
+    if (bounds[pos + step - 1] < x) pos += step;
+  }
+  return pos;
+}
+
+// Scale used to normalise a block by its absmax; an all-zero block maps to code(0).
+ADAM8_HD float inv_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+
+template <class F, class I>
+ADAM8_HD F dequantize_one(I q, const float* code, F absmax) {
+  return gather(code, q) * absmax;
+}
+
+}  // namespace adam8

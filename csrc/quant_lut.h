@@ -1,0 +1,26 @@
+// Host-side construction of the code lookup table of adam8_math.h (QuantLut).
+#pragma once
+
+#include <array>
+#include <vector>
+
+#include "adam8_math.h"
+
+namespace adam8 {
+
+// Owns a code's table; view() gives the QuantLut the kernels read.
+struct HostLut {
+  std::array<float, kCodeSize> code;
+  std::array<float, kCodeSize - 1> bounds;
+  std::vector<int32_t> entry;  // kLutSize
+  bool fast = false;
+
+  QuantLut view() const { return {code.data(), bounds.data(), entry.data(), fast}; }
+};
+
+// Builds the table of `code` (kCodeSize floats, ascending; not checked here). `fast` is false when
+// the table cannot represent the code (a bucket with two bounds, a bound in a clamped bucket);
+// kernels then search the bounds instead.
+HostLut build_lut(const float* code);
+
+}  // namespace adam8

@@ -1,0 +1,159 @@
+"""Argument checks of the fake implementations.
+
+Each function raises the sentence that csrc/checks.h raises for the same mistake, so an eager call,
+a compiled call and a fake-tensor trace fail with the same message (tests/test_ops.py checks both
+against every registry error input).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when t covers its elements without gaps or overlap (any dimension order)."""
+    pc = torch._prims_common
+    check = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    return bool(check(t))
+
+
+def num(x: float) -> str:
+    """A float as C++ streams print it (%g)."""
+    return f"{x:g}"
+
+
+def dtype_list(allowed: Sequence[torch.dtype]) -> str:
+    names = [str(d) for d in allowed]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_length(op: str, name: str, got: int, ref: str, want: int) -> None:
+    torch._check_value(
+        got == want, lambda: f"{op}: {name} has {got} tensors but {ref} has {want}; pass one per parameter"
+    )
+
+
+def check_dtype(op: str, what: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    torch._check_type(t.dtype in allowed, lambda: f"{op}: {what} has dtype {t.dtype}; expected {dtype_list(allowed)}")
+
+
+def check_device(op: str, what: str, t: torch.Tensor, device: torch.device) -> None:
+    torch._check_value(
+        t.device == device,
+        lambda: f"{op}: {what} is on {t.device} but the parameters are on {device}; "
+        "all tensors of one call must be on one device",
+    )
+
+
+def check_like(op: str, what: str, t: torch.Tensor, ref_what: str, ref: torch.Tensor, same_dtype: bool) -> None:
+    torch._check_type(
+        not same_dtype or t.dtype == ref.dtype,
+        lambda: f"{op}: {what} has dtype {t.dtype} but {ref_what} has dtype {ref.dtype}; they must match",
+    )
+    torch._check_value(
+        t.shape == ref.shape,
+        lambda: f"{op}: {what} has shape {list(t.shape)} but {ref_what} has shape {list(ref.shape)}; they must match",
+    )
+    torch._check_value(
+        t.numel() <= 1 or t.stride() == ref.stride(),
+        lambda: f"{op}: {what} has strides {list(t.stride())} but {ref_what} has strides {list(ref.stride())}; "
+        "they must match",
+    )
+
+
+def check_dense(op: str, what: str, t: torch.Tensor) -> None:
+    torch._check_value(
+        is_dense(t),
+        lambda: f"{op}: {what} with shape {list(t.shape)} and strides {list(t.stride())} is not dense; "
+        "pass a contiguous (or permuted contiguous) tensor",
+    )
+
+
+def check_numel(op: str, what: str, t: torch.Tensor, want: int) -> None:
+    torch._check_value(t.numel() == want, lambda: f"{op}: {what} has {t.numel()} elements; expected {want}")
+
+
+def check_range(op: str, name: str, value: float, lo: float, hi: float) -> None:
+    torch._check_value(
+        lo <= value < hi, lambda: f"{op}: {name} must be in [{num(lo)}, {num(hi)}), got {num(value)}"
+    )
+
+
+def check_nonnegative(op: str, name: str, value: float) -> None:
+    torch._check_value(value >= 0.0, lambda: f"{op}: {name} must be >= 0, got {num(value)}")
+
+
+def check_blocksize(op: str, blocksize: int) -> None:
+    torch._check_value(
+        64 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0,
+        lambda: f"{op}: blocksize must be a power of two in [64, 4096], got {blocksize}",
+    )
+
+
+def check_code(op: str, name: str, code: torch.Tensor, device: torch.device) -> None:
+    check_device(op, name, code, device)
+    check_dtype(op, name, code, (torch.float32,))
+    check_numel(op, name, code, 256)
+
+
+def check_adam_common(
+    op: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[tuple[str, Sequence[torch.Tensor], torch.dtype]],
+    steps: Sequence[torch.Tensor],
+    lr: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The checks every Adam op runs; `states` are (name, tensors, dtype) per-parameter lists."""
+    n = len(params)
+    check_length(op, "grads", len(grads), "params", n)
+    for name, tensors, _ in states:
+        check_length(op, name, len(tensors), "params", n)
+    check_length(op, "steps", len(steps), "params", n)
+    check_range(op, "beta1", beta1, 0.0, 1.0)
+    check_range(op, "beta2", beta2, 0.0, 1.0)
+    check_nonnegative(op, "eps", eps)
+    check_nonnegative(op, "weight_decay", weight_decay)
+    check_dtype(op, "lr", lr, (torch.float32,))
+    check_numel(op, "lr", lr, 1)
+    if n == 0:
+        return
+    device = params[0].device
+    check_device(op, "lr", lr, device)
+    for i in range(n):
+        p = f"params[{i}]"
+        check_dtype(op, p, params[i], PARAM_DTYPES)
+        check_device(op, p, params[i], device)
+        check_dense(op, p, params[i])
+        check_device(op, f"grads[{i}]", grads[i], device)
+        check_like(op, f"grads[{i}]", grads[i], p, params[i], same_dtype=True)
+        for name, tensors, dtype in states:
+            what = f"{name}[{i}]"
+            check_device(op, what, tensors[i], device)
+            check_dtype(op, what, tensors[i], (dtype,))
+            check_like(op, what, tensors[i], p, params[i], same_dtype=False)
+        check_device(op, f"steps[{i}]", steps[i], device)
+        check_dtype(op, f"steps[{i}]", steps[i], (torch.float32,))
+        check_numel(op, f"steps[{i}]", steps[i], 1)
+
+
+def check_absmax_lists(
+    op: str, params: Sequence[torch.Tensor], absmax1: Sequence[torch.Tensor], absmax2: Sequence[torch.Tensor], block: int
+) -> None:
+    check_length(op, "absmax1", len(absmax1), "params", len(params))
+    check_length(op, "absmax2", len(absmax2), "params", len(params))
+    for i, p in enumerate(params):
+        for name, tensors in (("absmax1", absmax1), ("absmax2", absmax2)):
+            what = f"{name}[{i}]"
+            check_device(op, what, tensors[i], p.device)
+            check_dtype(op, what, tensors[i], (torch.float32,))
+            check_numel(op, what, tensors[i], -(-p.numel() // block))
+            check_dense(op, what, tensors[i])

@@ -1,0 +1,99 @@
+"""Every registry op: opcheck on each sample, kernel against reference over sizes and dtypes,
+and every error input rejected with the same sentence by the kernel and by the fake."""
+
+import re
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ops_registry
+from ops_registry import OPS
+
+from conftest import DEVICES
+
+SWEEP_SIZES = (0, 1, 255, 256, 257, 4097, 1_000_003)
+
+
+def clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone(memory_format=torch.preserve_format)
+    if isinstance(x, (list, tuple)):
+        return type(x)(clone(v) for v in x)
+    return x
+
+
+def run_both(info, sample):
+    """(args, output) after the kernel and after the reference, each on its own copy."""
+    args_k, args_r = clone(sample.args), clone(sample.args)
+    out_k = info.op(*args_k, **sample.kwargs)
+    out_r = info.reference(*args_r, **sample.kwargs)
+    return (args_k, out_k), (args_r, out_r)
+
+
+def test_registry_lists_every_op():
+    defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("adam8::")}
+    assert defined == {info.name for info in OPS}
+    for info in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(info.qualname, "CPU"), info.name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("info", OPS, ids=lambda i: i.name)
+def test_opcheck(info, device):
+    samples = list(info.sample_inputs(device))
+    assert samples
+    for args, kwargs in samples:
+        torch.library.opcheck(info.op, args, kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("info", OPS, ids=lambda i: i.name)
+def test_samples_match_reference(info, device):
+    for sample in info.sample_inputs(device):
+        info.compare(sample, *run_both(info, sample))
+
+
+@pytest.mark.parametrize("numel", SWEEP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("info", OPS, ids=lambda i: i.name)
+def test_sweep_matches_reference(info, device, dtype, numel):
+    for sample in info.sweep_inputs(device, dtype, numel):
+        info.compare(sample, *run_both(info, sample))
+
+
+def error_cases(device):
+    return [(info, e) for info in OPS for e in info.error_inputs(device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_kernel_and_fake_agree(device):
+    cases = error_cases(device)
+    assert len(cases) > 40
+    for info, (sample, error_type, regex) in cases:
+        with pytest.raises(error_type, match=regex):
+            info.op(*sample.args, **sample.kwargs)
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            fake_args = torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, sample.args)
+            with pytest.raises(error_type, match=regex):
+                info.op(*fake_args, **sample.kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_change_nothing(device):
+    """A rejected call leaves its mutable arguments (steps included) as they were."""
+    for info, (sample, _, _) in error_cases(device):
+        if not info.mutated:
+            continue
+        before = clone(sample.args)
+        with pytest.raises(Exception):
+            info.op(*sample.args, **sample.kwargs)
+        for a, b in zip(torch.utils._pytree.tree_leaves(sample.args), torch.utils._pytree.tree_leaves(before)):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+
+
+def test_get_unknown_op_names_known_ones():
+    with pytest.raises(KeyError, match="adam_step"):
+        ops_registry.get("nope")

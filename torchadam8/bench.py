@@ -1,0 +1,193 @@
+"""Step throughput of torchadam8 against its peers, measured in one run on the same tensors.
+
+    python -m torchadam8.bench                      # CPU: 16M fp32 parameters in one tensor
+    python -m torchadam8.bench --device cuda        # GPU: the three parameter sets, fp32 and bf16
+    python -m torchadam8.bench --sets gpt2-medium --dtypes bf16 --steps 20
+
+Peers: torch.optim.Adam(fused=True) (32-bit, the bandwidth reference), bitsandbytes' Adam8bit and
+torchao's AdamW8bit when importable. GB/s counts the bytes a step must move (parameters read and
+written, gradients read, states read and written); "copy" is a device-to-device copy of the
+parameters, the bandwidth ceiling. Machines are noisy: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parameter_sets(device: str) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes of each benchmark set."""
+    d, layers, vocab = 1024, 24, 50257  # GPT-2 medium: ~355M parameters in ~290 tensors
+    block = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    return {
+        "single": [(16 * 2**20,)] if device == "cpu" else [(2**30,)],
+        "gpt2-medium": [(vocab, d), (1024, d)] + block * layers + [(d,), (d,)],
+        "small-many": [(4096,)] * 10_000,
+    }
+
+
+@dataclass
+class Peer:
+    name: str
+    make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    bytes_per_param: Callable[[torch.dtype], int]  # bytes a step must move per parameter
+
+
+def _peers(device: str) -> list[Peer]:
+    import torchadam8
+
+    def eight(dt):  # p read+write, g read, two uint8 states read+write (absmax: ~1.6%, ignored)
+        return 3 * dt.itemsize + 4
+
+    def thirty_two(dt):  # p read+write, g read, two fp32 states read+write
+        return 3 * dt.itemsize + 16
+
+    peers = [
+        Peer("torchadam8.Adam8bit", lambda ps: torchadam8.Adam8bit(ps), eight),
+        Peer("torchadam8.Adam32bit", lambda ps: torchadam8.Adam32bit(ps), thirty_two),
+        Peer("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, fused=True), thirty_two),
+    ]
+    try:
+        import bitsandbytes as bnb
+
+        peers.append(Peer(f"bitsandbytes {bnb.__version__} Adam8bit", lambda ps: bnb.optim.Adam8bit(ps), eight))
+    except Exception:  # not installed, or no backend for this device
+        pass
+    if device != "cpu":
+        try:
+            from torchao.optim import AdamW8bit
+
+            peers.append(Peer("torchao AdamW8bit", lambda ps: AdamW8bit(ps, weight_decay=0.0), eight))
+        except Exception:
+            pass
+    return peers
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def time_step(step: Callable[[], None], device: str, steps: int, warmup: int) -> float:
+    """Median seconds per call (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        if device == "cpu":
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        else:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                total += v.untyped_storage().nbytes()
+    return total
+
+
+def run_set(name, shapes, dtype, device, steps, warmup, peers, out):
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    gen = torch.Generator(device=device).manual_seed(0)
+    init = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes]
+    grads = [torch.randn(s, device=device, dtype=dtype, generator=gen) * 1e-2 for s in shapes]
+    nbytes = sum(t.numel() * t.element_size() for t in init)
+    copy_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    t_copy = time_step(lambda: copy_dst.copy_(copy_src), device, steps, warmup)
+    del copy_src, copy_dst
+    rows = [("copy (ceiling)", t_copy, 2 * nbytes / t_copy / 1e9, float("nan"))]
+    for peer in peers:
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g
+        try:
+            opt = peer.make(params)
+            t = time_step(opt.step, device, steps, warmup)
+            rows.append((peer.name, t, numel * peer.bytes_per_param(dtype) / t / 1e9, state_bytes(opt) / numel))
+        except Exception as e:  # a peer that cannot run this set is reported, not fatal
+            rows.append((f"{peer.name} [failed: {type(e).__name__}: {str(e)[:60]}]", float("nan"), float("nan"), float("nan")))
+        finally:
+            opt = params = None
+            gc.collect()
+            if device != "cpu":
+                torch.cuda.empty_cache()
+    out.append((name, dtype, numel, len(shapes), rows))
+
+
+def print_table(results, device_name: str) -> None:
+    print(f"\n## torchadam8.bench on {device_name}, torch {torch.__version__}\n")
+    for name, dtype, numel, count, rows in results:
+        fused = next((t for n, t, *_ in rows if n.startswith("torch Adam")), float("nan"))
+        bnb = next((t for n, t, *_ in rows if n.startswith("bitsandbytes")), float("nan"))
+        ao = next((t for n, t, *_ in rows if n.startswith("torchao")), float("nan"))
+        copy_gbs = rows[0][2]
+        print(f"### {name}: {numel / 1e6:.1f}M {str(dtype).replace('torch.', '')} parameters in {count} tensors\n")
+        print("| optimizer | ms/step | M params/s | GB/s | % of copy | x fused Adam | x bnb 8bit | x torchao 8bit | state B/param |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n, t, gbs, sb in rows:
+            print(
+                f"| {n} | {t * 1e3:.3f} | {numel / t / 1e6:.0f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% "
+                f"| {fused / t:.2f} | {bnb / t:.2f} | {ao / t:.2f} | {sb:.3f} |"
+            )
+        print()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", default=None, help="comma-separated: single, gpt2-medium, small-many "
+                        "(default: single on CPU, all three on GPU)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated: fp32, bf16, fp16 (default: fp32 on CPU, fp32,bf16 on GPU)")
+    parser.add_argument("--numel", type=int, default=None, help="elements of the 'single' set")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--peers", default=None, help="comma-separated substrings selecting optimizers")
+    args = parser.parse_args(argv)
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device != "cpu"
+    sets = (args.sets or ("single,gpt2-medium,small-many" if gpu else "single")).split(",")
+    dtypes = [DTYPES[d] for d in (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")]
+    steps = args.steps or (20 if gpu else 10)
+    all_sets = parameter_sets(device)
+    if args.numel:
+        all_sets["single"] = [(args.numel,)]
+    peers = _peers(device)
+    if args.peers:
+        keys = args.peers.lower().split(",")
+        peers = [p for p in peers if any(k in p.name.lower() for k in keys)]
+    results = []
+    for name in sets:
+        for dtype in dtypes:
+            run_set(name, all_sets[name], dtype, device, steps, args.warmup, peers, results)
+    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print_table(results, device_name)
+
+
+if __name__ == "__main__":
+    main()
