@@ -41,8 +41,9 @@ def simd_flags() -> list[str]:
 
 
 def cuda_home() -> str | None:
-    """The CUDA toolkit to build with, or None when torch has no CUDA or nvcc is missing."""
-    if torch.version.cuda is None:
+    """The CUDA toolkit to build with, or None when torch has no CUDA, nvcc is missing or there
+    are no CUDA sources."""
+    if torch.version.cuda is None or not any(source_dir().glob("cuda/*.cu")):
         return None
     from torch.utils import cpp_extension
 

@@ -134,6 +134,9 @@ class Adam(torch.optim.Optimizer):
         merged = {**self.defaults, **group}
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         super().add_param_group({**param_group, "params": params})
+        if self.args.optim_bits == 8:  # made here, not in a (compiled) step, which cannot trace them
+            for p in params:
+                self._qmap(p.device)
 
     def _uses_8bit(self, p: torch.Tensor) -> bool:
         return self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size

@@ -1,0 +1,380 @@
+"""The optimizer classes: signature, parity with torch.optim.AdamW and bitsandbytes, dtypes,
+checkpoints, and bad input (a clear error, the optimizer untouched)."""
+
+import copy
+import inspect
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import torchadam8
+from ops_registry.adam import adam_reference
+from ops_registry.testing import EPS, assert_close_scaled
+from torchadam8 import Adam, Adam8bit, Adam32bit
+
+CLASSES = [Adam, Adam8bit, Adam32bit]
+SEED_SIGNATURE = (
+    "(params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0, amsgrad=False, optim_bits=32, "
+    "args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False)"
+)
+
+
+def make_params(shapes=((64, 128), (300,), (17,), (0,)), dtype=torch.float32, device="cpu"):
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes]
+
+
+def set_grads(params, scale=1e-1):
+    for p in params:
+        p.grad = (torch.randn_like(p, dtype=torch.float32) * scale).to(p.dtype)
+
+
+def snapshot(opt, params):
+    return copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))
+
+
+def assert_same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for key, v in sa["state"][k].items():
+            assert torch.equal(v, sb["state"][k][key]), key
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_signature_is_the_seeds(cls):
+    assert str(inspect.signature(cls.__init__)).replace("self, ", "") == SEED_SIGNATURE
+
+
+def test_adam32bit_matches_torch_adamw_100_steps():
+    torch.manual_seed(0)
+    params = make_params()
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = Adam32bit(params, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
+    theirs = torch.optim.AdamW(ref, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
+    for _ in range(100):
+        set_grads(params)
+        for p, r in zip(params, ref):
+            r.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, r in zip(params, ref):
+        if p.numel():
+            assert (p - r).abs().max() <= 1e-5 * r.detach().abs().max(), p.shape
+
+
+def test_state_kinds_follow_optim_bits_and_min_8bit_size():
+    params = make_params(((5000,), (4095,), (4096,)))
+    set_grads(params)
+    opt8 = Adam8bit(params)
+    opt8.step()
+    kinds = [opt8.state[p]["state1"].dtype for p in params]
+    assert kinds == [torch.uint8, torch.float32, torch.uint8]
+    assert opt8.state[params[0]]["absmax1"].shape == (20,)  # ceil(5000 / 256)
+    for cls, bits in ((Adam, 32), (Adam32bit, 32)):
+        opt = cls(params)
+        opt.step()
+        assert all(opt.state[p]["state1"].dtype == torch.float32 for p in params), cls
+    opt = Adam(params, optim_bits=8, min_8bit_size=4095)
+    opt.step()
+    assert [opt.state[p]["state1"].dtype for p in params] == [torch.uint8] * 3
+
+
+def test_8bit_state_bytes_per_parameter():
+    params = make_params(((4096,), (1_000_003,)))
+    set_grads(params)
+    opt = Adam8bit(params)
+    opt.step()
+    for p in params:
+        nbytes = sum(v.numel() * v.element_size() for v in opt.state[p].values())
+        assert nbytes / p.numel() <= 2.05, (p.numel(), nbytes / p.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_half_precision_parameters(cls, dtype):
+    """fp16/bf16 parameters, gradients in their dtype, math in fp32: against the fp64 reference
+    (for 8-bit, against 32-bit state, within the quantization error)."""
+    params = make_params(((70, 90), (33,)), dtype=dtype)
+    shadow = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    opt = cls(params, lr=1e-2, weight_decay=0.01)
+    for _ in range(10):
+        set_grads(params)
+        adam_reference(shadow, [p.grad for p in params], m, v, steps, torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.01)
+        opt.step()
+    rtol = 2 * EPS[dtype] if cls is Adam32bit else 0.05
+    for p, s in zip(params, shadow):
+        assert p.dtype == dtype
+        assert_close_scaled(p.detach(), s, rtol=rtol, scale_tol=1e-3 if cls is Adam8bit else 1e-5, what=str(p.shape))
+
+
+def test_mixed_groups_tensor_lr_and_layouts():
+    conv = torch.nn.Conv2d(8, 16, 5).to(memory_format=torch.channels_last)
+    extra = make_params(((4096,),), dtype=torch.bfloat16)
+    groups = [{"params": conv.parameters(), "lr": torch.tensor(1e-2)}, {"params": extra, "weight_decay": 0.1}]
+    opt = Adam8bit(groups, min_8bit_size=1000)
+    conv(torch.randn(2, 8, 12, 12).to(memory_format=torch.channels_last)).sum().backward()
+    set_grads(extra)
+    before = conv.weight.detach().clone()
+    opt.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[conv.weight]["state1"].stride() == conv.weight.stride()
+    assert not torch.equal(before, conv.weight)
+    assert int(opt.state[extra[0]]["step"]) == 1
+
+
+def test_parameters_without_grad_are_skipped_and_empty_ones_work():
+    params = make_params(((10,), (0,), (5000,)))
+    params[0].grad = torch.randn(10)
+    params[1].grad = torch.randn(0)
+    opt = Adam8bit(params)
+    before = params[2].detach().clone()
+    opt.step()
+    opt.step()
+    assert params[2] not in opt.state and torch.equal(params[2], before)
+    assert opt.state[params[0]]["step"].item() == 2
+    assert opt.state[params[1]]["state1"].numel() == 0
+
+
+def test_args_object_replaces_constructor_values():
+    params = make_params(((300,), (100,)))
+    set_grads(params)
+    args = SimpleNamespace(optim_bits=8, min_8bit_size=200, percentile_clipping=100, block_wise=True)
+    opt = Adam(params, optim_bits=32, args=args)
+    opt.step()
+    assert [opt.state[p]["state1"].dtype for p in params] == [torch.uint8, torch.float32]
+
+
+def test_closure_and_functional_api_agree():
+    params = make_params(((600,),))
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adam8bit(params, min_8bit_size=1, lr=1e-2)
+    x = torch.randn(600)
+
+    def closure():
+        opt.zero_grad()
+        loss = (params[0] * x).square().sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() > 0
+    g = 2 * (twin[0] * x) * x
+    s1, s2 = torch.zeros(600, dtype=torch.uint8), torch.zeros(600, dtype=torch.uint8)
+    a1, a2, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+    torchadam8.functional.adam8bit(
+        [twin[0].data], [g.detach()], [s1], [s2], [step], [a1], [a2], *torchadam8.dynamic_maps(),
+        lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+    )
+    assert torch.equal(twin[0], params[0])
+    assert torch.equal(s1, opt.state[params[0]]["state1"])
+
+
+# ------------------------------------------------------------ bitsandbytes parity (CPU)
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_parity_with_bitsandbytes_50_steps(bits):
+    torch.manual_seed(1)
+    shapes = ((256, 129), (4097,), (1000,))
+    params = make_params(shapes)
+    theirs_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = (Adam8bit if bits == 8 else Adam32bit)(params, lr=1e-3, weight_decay=0.01)
+    theirs = (bnb.optim.Adam8bit if bits == 8 else bnb.optim.Adam32bit)(theirs_params, lr=1e-3, weight_decay=0.01)
+    for _ in range(50):
+        set_grads(params)
+        for p, q in zip(params, theirs_params):
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, theirs_params):
+        err = (p - q).abs()
+        if bits == 8:  # bitsandbytes' own 8-bit tolerances
+            assert err.mean() < 6e-5 and (err / (q.abs() + 1e-8)).mean() < 6e-4, (err.mean(), p.shape)
+        else:
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    for p, q in zip(params, theirs_params):
+        mine, theirs_state = ours.state[p], theirs.state[q]
+        assert mine["state1"].dtype == theirs_state["state1"].dtype
+        assert int(mine["step"]) == theirs_state["step"] == 50
+
+
+# ------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_state_dict_round_trip_through_torch_save(cls):
+    params = make_params(((5000,), (3, 7)), dtype=torch.bfloat16)
+    opt = cls(params, lr=1e-2, optim_bits=8 if cls is Adam else 32, min_8bit_size=16)
+    for _ in range(3):
+        set_grads(params)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = cls(twin_params, lr=0.5, optim_bits=8 if cls is Adam else 32, min_8bit_size=16)
+    twin.load_state_dict(loaded)
+    assert twin.param_groups[0]["lr"] == 1e-2
+    for _ in range(5):
+        set_grads(params)
+        for p, q in zip(params, twin_params):
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert_same(snapshot(opt, params), snapshot(twin, twin_params))
+
+
+def _trained(cls=Adam8bit, shapes=((5000,), (3, 7))):
+    params = make_params(shapes)
+    opt = cls(params)
+    set_grads(params)
+    opt.step()
+    return params, opt
+
+
+def _broken_state_dicts():
+    def shape(sd):
+        sd["state"][0]["state1"] = sd["state"][0]["state1"][:100]
+
+    def groups(sd):
+        sd["param_groups"].append(dict(sd["param_groups"][0]))
+
+    def count(sd):
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:1]
+
+    def absmax(sd):
+        sd["state"][0]["absmax1"] = torch.zeros(3)
+
+    def dtype(sd):
+        sd["state"][1]["state2"] = sd["state"][1]["state2"].double()
+
+    def missing(sd):
+        del sd["state"][1]["step"]
+
+    return [
+        (shape, r"state1 has shape \[100\] but the parameter has shape \[5000\]"),
+        (groups, r"has 2 parameter groups but the optimizer has 1"),
+        (count, r"group 0 of the loaded state dict has 1 parameters but the optimizer's group 0 has 2"),
+        (absmax, r"absmax1 must be a float32 tensor of shape \[20\]"),
+        (dtype, r"state2 has dtype torch.float64; expected torch.float32"),
+        (missing, r"expected state keys \['state1', 'state2', 'step'\]"),
+    ]
+
+
+@pytest.mark.parametrize("breaker,regex", _broken_state_dicts(), ids=lambda x: getattr(x, "__name__", ""))
+def test_mismatched_state_dict_is_refused_and_changes_nothing(breaker, regex):
+    params, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    breaker(sd)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=regex):
+        opt.load_state_dict(sd)
+    assert_same(before, snapshot(opt, params))
+
+
+def test_8bit_checkpoint_into_32bit_optimizer_is_refused():
+    _, opt8 = _trained(Adam8bit)
+    params32, opt32 = _trained(Adam32bit)
+    before = snapshot(opt32, params32)
+    with pytest.raises(ValueError, match="checkpoint holds 8-bit state but this optimizer keeps 32-bit state"):
+        opt32.load_state_dict(opt8.state_dict())
+    assert_same(before, snapshot(opt32, params32))
+
+
+# ------------------------------------------------------------ bad input
+CONSTRUCTION_ERRORS = [
+    (dict(lr=-1e-3), ValueError, "Invalid learning rate: -0.001"),
+    (dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
+    (dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
+    (dict(betas=(0.9,)), ValueError, "Invalid betas"),
+    (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
+    (dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
+    (dict(min_8bit_size=-1), ValueError, "min_8bit_size must be an int >= 0"),
+    (dict(amsgrad=True), NotImplementedError, "amsgrad=True is not implemented yet"),
+    (dict(percentile_clipping=95), NotImplementedError, "percentile_clipping=95 is not implemented yet"),
+    (dict(block_wise=False), NotImplementedError, "block_wise=False is not implemented yet"),
+    (dict(is_paged=True), NotImplementedError, "is_paged=True is not implemented yet"),
+    (dict(args=SimpleNamespace(max_unorm=1.0)), NotImplementedError, "max_unorm=1.0 is not implemented yet"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", CONSTRUCTION_ERRORS, ids=lambda x: str(x)[:30])
+def test_bad_constructor_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        Adam(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "param,message",
+    [
+        (torch.randn(4, dtype=torch.complex64), r"parameter 1 of group 0 \(shape \[4\]\) is complex"),
+        (torch.randn(4, dtype=torch.float64), r"has dtype torch.float64; supported: float32, float16, bfloat16"),
+        (torch.randn(8, 4)[:, ::2], r"is not dense \(strides \[4, 2\]\)"),
+    ],
+)
+def test_bad_parameters(param, message):
+    with pytest.raises(ValueError, match=message):
+        Adam8bit([torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(param, requires_grad=False)])
+
+
+def _grad_breakers():
+    def sparse(p):
+        p.grad = torch.randn(5000).to_sparse()
+
+    def dtype(p):
+        p.grad.data = p.grad.data.half()
+
+    def shape(p):
+        p.grad.data = p.grad.data.reshape(50, 100)
+
+    return [
+        (sparse, RuntimeError, r"parameter 0 of group 0 \(shape \[5000\]\) has a sparse gradient"),
+        (dtype, TypeError, r"has dtype torch.float32 but its gradient has dtype torch.float16"),
+        (shape, ValueError, r"its gradient has shape \[50, 100\]"),
+    ]
+
+
+@pytest.mark.parametrize("breaker,error,regex", _grad_breakers(), ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_bad_gradients_raise_and_change_nothing(cls, breaker, error, regex):
+    params, opt = _trained(cls)
+    set_grads(params)
+    breaker(params[0])
+    before = snapshot(opt, params)
+    with pytest.raises(error, match=regex):
+        opt.step()
+    assert_same(before, snapshot(opt, params))
+
+
+def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_change():
+    params, opt = _trained()
+    set_grads(params)
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\), got 1.5"):
+        opt.step()
+    assert_same(before, snapshot(opt, params))
+
+
+def test_compiled_step_matches_eager():
+    params = make_params(((4096,), (33,)))
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, opt_twin = Adam8bit(params), Adam8bit(twin)
+    compiled = torch.compile(opt_twin.step, fullgraph=True)
+    for i in range(3):
+        set_grads(params)
+        for p, q in zip(params, twin):
+            q.grad = p.grad.clone()
+        opt.param_groups[0]["lr"] = opt_twin.param_groups[0]["lr"] = 1e-3 * (i + 1)
+        opt.step()
+        compiled()
+    assert_same(snapshot(opt, params), snapshot(opt_twin, twin))
