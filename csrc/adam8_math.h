@@ -40,6 +40,15 @@ ADAM8_HD int32_t bits_of(float x) {
   return i;
 #endif
 }
+ADAM8_HD float float_of(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
 ADAM8_HD int32_t gt_as_int(int32_t a, int32_t b) { return a > b ? 1 : 0; }
 ADAM8_HD float gather(const float* table, int32_t i) { return table[i]; }
 ADAM8_HD int32_t gather(const int32_t* table, int32_t i) { return table[i]; }
@@ -86,7 +95,8 @@ ADAM8_HD void adam_update(V& p, V g, V& m, V& v, const AdamScalars& s) {
 // needs only their low 16 bits: one 32-bit table entry per bucket holds both numbers, and a
 // quantization costs one table read instead of eight dependent ones of a binary search. Both of
 // bitsandbytes' dynamic maps qualify with 7 mantissa bits (the unsigned map's codes are 0.007
-// apart near 1; its buckets there are 0.0039 wide). quant_lut.cpp builds the table and checks.
+// apart near 1; its buckets there are 0.0039 wide). lut_entry below builds the table, on the
+// host (quant_lut.cpp) or on the GPU, and says when a code does not qualify.
 constexpr int kLutMantBits = 7;
 constexpr int kLutMinExp = -23;  // |x| < 2^-23 shares the lowest bucket
 constexpr int kLutMaxExp = 0;    // |x| >= 2 shares the highest bucket
@@ -125,6 +135,52 @@ ADAM8_HD I lut_resolve(F x, I entry) {
 template <class F, class I>
 ADAM8_HD I code_index_lut(F x, const QuantLut& q) {
   return lut_resolve<F, I>(x, gather(q.entry, lut_key<F, I>(x)));
+}
+
+// ---------------------------------------------------------------- building the table
+// #bounds < x and #bounds <= x in an ascending array.
+ADAM8_HD int32_t count_below(const float* bounds, int32_t n, float x) {
+  int32_t lo = 0;
+  while (n > 0) {
+    const int32_t half = n / 2;
+    if (bounds[lo + half] < x) { lo += half + 1; n -= half + 1; } else { n = half; }
+  }
+  return lo;
+}
+ADAM8_HD int32_t count_at_or_below(const float* bounds, int32_t n, float x) {
+  int32_t lo = 0;
+  while (n > 0) {
+    const int32_t half = n / 2;
+    if (bounds[lo + half] <= x) { lo += half + 1; n -= half + 1; } else { n = half; }
+  }
+  return lo;
+}
+
+// Lower edge of positive bucket k: the smallest float that lut_key puts there.
+ADAM8_HD float lut_bucket_edge(int32_t k) { return float_of((k + kLutKeyBias) << (23 - kLutMantBits)); }
+
+// The table entry of bucket `key` for the kCodeSize - 1 ascending `bounds`. Clears *ok when the
+// entry cannot be exact: two bounds in the bucket, or any bound in one of the first and last
+// buckets, which also hold every value clamped into them.
+ADAM8_HD int32_t lut_entry(const float* bounds, int32_t key, bool* ok) {
+  constexpr int32_t n = kCodeSize - 1;
+  const bool negative = key >= kLutBuckets;
+  const int32_t k = negative ? key - kLutBuckets : key;
+  const bool clamped = k == 0 || k == kLutBuckets - 1;
+  const float a = k == 0 ? 0.0f : lut_bucket_edge(k);
+  const float b = k == kLutBuckets - 1 ? INFINITY : lut_bucket_edge(k + 1);
+  int32_t first, last, low = kNoBound;
+  if (!negative) {  // x in [a, b): #bounds < a, plus one if x exceeds the bound in [a, b)
+    first = count_below(bounds, n, a);
+    last = count_below(bounds, n, b);
+    if (last > first) low = bits_of(bounds[first]) & 0xffff;
+  } else {  // x in (-b, -a]: #bounds <= -b, plus one if x exceeds the bound in (-b, -a]
+    first = count_at_or_below(bounds, n, -b);
+    last = count_at_or_below(bounds, n, -a);
+    if (last > first) low = ~bits_of(bounds[first]) & 0xffff;
+  }
+  if (last - first > (clamped ? 0 : 1)) *ok = false;
+  return first << 16 | low;
 }
 
 // The same index by binary search over the 255 bounds, for codes the tables do not fit.

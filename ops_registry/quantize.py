@@ -69,6 +69,10 @@ def quantize_samples(device):
     yield SampleInput((randn(3, 70, device=device), make_code(True, device), 64), {})
     yield SampleInput((randn(5000, device=device), make_code(True, device), 4096), {})
     yield SampleInput((randn(40, 30, device=device).t(), make_code(True, device), 128), {})  # not contiguous
+    # Codes the bucket table cannot represent take the kernels' binary search instead.
+    linear = torch.linspace(-1, 1, 256, device=device)
+    yield SampleInput((randn(1000, device=device), linear, 256), {})
+    yield SampleInput((randn(1000, device=device, positive=True), (linear + 1) / 2, 64), {})
 
 
 def quantize_sweep(device, dtype, numel):

@@ -178,11 +178,9 @@ def test_closure_and_functional_api_agree():
 
 
 # ------------------------------------------------------------ bitsandbytes parity (CPU)
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
-
-
 @pytest.mark.parametrize("bits", [8, 32])
 def test_parity_with_bitsandbytes_50_steps(bits):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
     torch.manual_seed(1)
     shapes = ((256, 129), (4097,), (1000,))
     params = make_params(shapes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -137,8 +138,7 @@ def run_set(name, shapes, dtype, device, steps, warmup, peers, out):
     out.append((name, dtype, numel, len(shapes), rows))
 
 
-def print_table(results, device_name: str) -> None:
-    print(f"\n## torchadam8.bench on {device_name}, torch {torch.__version__}\n")
+def print_table(results) -> None:
     for name, dtype, numel, count, rows in results:
         fused = next((t for n, t, *_ in rows if n.startswith("torch Adam")), float("nan"))
         bnb = next((t for n, t, *_ in rows if n.startswith("bitsandbytes")), float("nan"))
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device != "cpu"
-    sets = (args.sets or ("single,gpt2-medium,small-many" if gpu else "single")).split(",")
+    sets = (args.sets or ("gpt2-medium,single,small-many" if gpu else "single")).split(",")
     dtypes = [DTYPES[d] for d in (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")]
     steps = args.steps or (20 if gpu else 10)
     all_sets = parameter_sets(device)
@@ -181,12 +181,14 @@ def main(argv=None) -> None:
     if args.peers:
         keys = args.peers.lower().split(",")
         peers = [p for p in peers if any(k in p.name.lower() for k in keys)]
-    results = []
+    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n## torchadam8.bench on {device_name}, torch {torch.__version__}\n", flush=True)
     for name in sets:
         for dtype in dtypes:
+            results = []
             run_set(name, all_sets[name], dtype, device, steps, args.warmup, peers, results)
-    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print_table(results, device_name)
+            print_table(results)  # each set as soon as it is measured
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

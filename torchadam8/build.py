@@ -97,12 +97,12 @@ def load(verbose: bool = False) -> str:
     start = time.perf_counter()
     # No FMA contraction: the only fused multiply-adds are the explicit ones of adam8_math.h, so
     # SIMD, scalar and CUDA lanes round alike.
-    cflags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", *simd_flags()]
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *simd_flags()]
     cpp_extension.load(
         name=NAME,
         sources=[str(s) for s in _sources(with_cuda)],
         extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "-std=c++17", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
+        extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         with_cuda=with_cuda,
@@ -123,10 +123,12 @@ def main() -> None:
     parser.add_argument("--require-cuda", action="store_true", help="fail unless the CUDA kernels are built too")
     args = parser.parse_args()
     if args.require_cuda and cuda_home() is None:
-        sys.exit(
-            "torchadam8.build: --require-cuda, but "
-            + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+        why = (
+            "torch is a CPU-only build" if torch.version.cuda is None
+            else "there are no CUDA sources in " + str(source_dir() / "cuda") if not any(source_dir().glob("cuda/*.cu"))
+            else "nvcc was not found (set CUDA_HOME to the toolkit's directory)"
         )
+        sys.exit("torchadam8.build: --require-cuda, but " + why)
     import torchadam8  # noqa: F401  (defines the op schemas the kernels register against)
 
     path = load(verbose=args.verbose)

@@ -1,0 +1,215 @@
+// CUDA kernels of adam8::adam_step and adam8::adam8bit_blockwise_step: the math of adam8_math.h,
+// one launch per pack of up to kMaxTensors tensors of one parameter dtype (launch.cuh).
+#include "../checks.h"
+#include "launch.cuh"
+
+namespace adam8 {
+namespace cuda {
+namespace {
+
+// Tensors per launch: a pack of 6 lists stays under the 32 KB kernel-argument limit (26.5 KB).
+constexpr int kMaxTensors = 384;
+
+struct Hyper {
+  double beta1, beta2, eps, weight_decay;
+};
+
+// The constants of this step: the step count is advanced (by the host, after the launch) to t + 1.
+__device__ __forceinline__ AdamScalars step_scalars(const float* lr, const float* step, const Hyper& h) {
+  return adam_scalars(*lr, static_cast<double>(*step) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
+}
+
+// Lists: params, grads, exp_avgs, exp_avg_sqs.
+using Pack32 = Pack<4, kMaxTensors>;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const float* lr, Hyper h) {
+  const int t = pack_tensor(pack, blockIdx.x);
+  const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
+                        static_cast<int64_t>(threadIdx.x) * kPerThread;
+  const int64_t left = pack.numel[t] - start;
+  if (left <= 0) return;
+  const int valid = left < kPerThread ? static_cast<int>(left) : kPerThread;
+  const bool vec = pack.aligned[t];
+  const AdamScalars s = step_scalars(lr, pack.step[t], h);
+  T* p = static_cast<T*>(pack.ptr[0][t]) + start;
+  const T* g = static_cast<const T*>(pack.ptr[1][t]) + start;
+  float* m = static_cast<float*>(pack.ptr[2][t]) + start;
+  float* v = static_cast<float*>(pack.ptr[3][t]) + start;
+  float pv[kPerThread], gv[kPerThread], mv[kPerThread], vv[kPerThread];
+  load_lanes(p, valid, vec, pv);
+  load_lanes(g, valid, vec, gv);
+  load_lanes(m, valid, vec, mv);
+  load_lanes(v, valid, vec, vv);
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) adam_update(pv[j], gv[j], mv[j], vv[j], s);
+  store_lanes(p, valid, vec, pv);
+  store_lanes(m, valid, vec, mv);
+  store_lanes(v, valid, vec, vv);
+}
+
+// Lists: params, grads, state1, state2, absmax1, absmax2.
+using Pack8 = Pack<6, kMaxTensors>;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const float* lr, Hyper h, const float* code1,
+                                                            const float* code2, const int32_t* luts) {
+  __shared__ float bounds[2][kCodeSize - 1];
+  const QuantLut lut1 = device_lut(code1, luts, bounds[0]);
+  const QuantLut lut2 = device_lut(code2, luts + kLutStride, bounds[1]);
+  if (!lut1.fast || !lut2.fast) {  // uniform over the block
+    load_bounds(code1, bounds[0]);
+    load_bounds(code2, bounds[1]);
+    __syncthreads();
+  }
+  const int t = pack_tensor(pack, blockIdx.x);
+  const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
+                        static_cast<int64_t>(threadIdx.x) * kPerThread;
+  const int64_t left = pack.numel[t] - start;
+  // A warp holds one state block: it leaves together, or its lanes past the end take part with
+  // nothing (the absmax is a warp reduction).
+  if (pack.numel[t] - (start - (threadIdx.x % 32) * kPerThread) <= 0) return;
+  const int valid = left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
+  const bool vec = pack.aligned[t];
+  const AdamScalars s = step_scalars(lr, pack.step[t], h);
+  const int64_t offset = valid > 0 ? start : 0;
+  T* p = static_cast<T*>(pack.ptr[0][t]) + offset;
+  const T* g = static_cast<const T*>(pack.ptr[1][t]) + offset;
+  uint8_t* q1 = static_cast<uint8_t*>(pack.ptr[2][t]) + offset;
+  uint8_t* q2 = static_cast<uint8_t*>(pack.ptr[3][t]) + offset;
+  float* absmax1 = static_cast<float*>(pack.ptr[4][t]) + start / kStateBlock;
+  float* absmax2 = static_cast<float*>(pack.ptr[5][t]) + start / kStateBlock;
+
+  float pv[kPerThread], gv[kPerThread], m[kPerThread], v[kPerThread];
+  int32_t c1[kPerThread], c2[kPerThread];
+  load_lanes(p, valid, vec, pv);
+  load_lanes(g, valid, vec, gv);
+  load_codes(q1, valid, vec, c1);
+  load_codes(q2, valid, vec, c2);
+  const float a1 = *absmax1, a2 = *absmax2;
+  float max1 = 0.0f, max2 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    m[j] = dequantize_one<float, int32_t>(c1[j], code1, a1);
+    v[j] = dequantize_one<float, int32_t>(c2[j], code2, a2);
+    adam_update(pv[j], gv[j], m[j], v[j], s);
+    if (j < valid) {
+      max1 = vmax(max1, vabs(m[j]));
+      max2 = vmax(max2, v[j]);
+    }
+  }
+  max1 = warp_max(max1);  // every lane has read the old absmax before lane 0 writes the new one
+  max2 = warp_max(max2);
+  if (threadIdx.x % 32 == 0) {
+    *absmax1 = max1;
+    *absmax2 = max2;
+  }
+  const float inv1 = inv_absmax(max1), inv2 = inv_absmax(max2);
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    c1[j] = lut1.fast ? code_index_lut<float, int32_t>(m[j] * inv1, lut1) : code_index_search(m[j] * inv1, lut1.bounds);
+    c2[j] = lut2.fast ? code_index_lut<float, int32_t>(v[j] * inv2, lut2) : code_index_search(v[j] * inv2, lut2.bounds);
+  }
+  store_lanes(p, valid, vec, pv);
+  store_codes(q1, valid, vec, c1);
+  store_codes(q2, valid, vec, c2);
+}
+
+template <class F>
+void dispatch_param_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "dtype passed unchecked");
+  }
+}
+
+// Runs `per_dtype(dtype, indices)` for the indices of the parameters of each dtype.
+template <class F>
+void by_param_dtype(at::TensorList params, F&& per_dtype) {
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() == dtype) idx.push_back(i);
+    }
+    if (!idx.empty()) per_dtype(dtype, idx);
+  }
+}
+
+template <int kLists>
+std::array<std::vector<at::Tensor>, kLists> gather_lists(std::array<at::TensorList, kLists> lists,
+                                                        const std::vector<size_t>& idx) {
+  std::array<std::vector<at::Tensor>, kLists> out;
+  for (int l = 0; l < kLists; ++l) {
+    for (size_t i : idx) out[l].push_back(lists[l][i]);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> select(at::TensorList list, const std::vector<size_t>& idx) {
+  std::vector<at::Tensor> out;
+  for (size_t i : idx) out.push_back(list[i]);
+  return out;
+}
+
+}  // namespace
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
+                    double beta2, double eps, double weight_decay) {
+  const char* op = "adam8.adam_step";
+  check_adam_common(op, params, grads, {{"exp_avgs", exp_avgs, at::kFloat}, {"exp_avg_sqs", exp_avg_sqs, at::kFloat}},
+                    steps, lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Hyper h{beta1, beta2, eps, weight_decay};
+  by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
+    dispatch_param_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      for_each_pack<4, kMaxTensors>(gather_lists<4>({params, grads, exp_avgs, exp_avg_sqs}, idx), select(steps, idx),
+                                    [&](const Pack32& pack, int32_t grid) {
+                                      adam32_kernel<T><<<grid, kThreads, 0, stream>>>(pack, lr.data_ptr<float>(), h);
+                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    });
+    });
+  });
+  at::_foreach_add_(steps, 1.0);
+}
+
+void adam8bit_blockwise_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1,
+                                  at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
+                                  at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                                  const at::Tensor& lr, double beta1, double beta2, double eps,
+                                  double weight_decay) {
+  const char* op = "adam8.adam8bit_blockwise_step";
+  check_adam_common(op, params, grads, {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}}, steps, lr,
+                    beta1, beta2, eps, weight_decay);
+  check_absmax_lists(op, params, absmax1, absmax2, kStateBlock);
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
+  check_code(op, "qmap1", qmap1, device);
+  check_code(op, "qmap2", qmap2, device);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor code1 = qmap1.contiguous(), code2 = qmap2.contiguous();
+  const at::Tensor luts = build_luts({code1, code2});
+  const Hyper h{beta1, beta2, eps, weight_decay};
+  by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
+    dispatch_param_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      for_each_pack<6, kMaxTensors>(
+          gather_lists<6>({params, grads, state1, state2, absmax1, absmax2}, idx), select(steps, idx),
+          [&](const Pack8& pack, int32_t grid) {
+            adam8bit_kernel<T><<<grid, kThreads, 0, stream>>>(pack, lr.data_ptr<float>(), h, code1.data_ptr<float>(),
+                                                              code2.data_ptr<float>(), luts.data_ptr<int32_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  });
+  at::_foreach_add_(steps, 1.0);
+}
+
+}  // namespace cuda
+}  // namespace adam8

@@ -1,0 +1,124 @@
+// CUDA kernels of adam8::quantize_blockwise and adam8::dequantize_blockwise.
+#include <tuple>
+
+#include "../checks.h"
+#include "launch.cuh"
+
+namespace adam8 {
+namespace cuda {
+namespace {
+
+constexpr int kMaxBlock = 4096;
+
+// One CUDA block per quantization block of `blocksize` (64..4096) values.
+template <class T>
+__global__ void __launch_bounds__(kThreads) quantize_kernel(const T* x, int64_t n, int64_t blocksize,
+                                                            const float* code, const int32_t* table,
+                                                            uint8_t* q, float* absmax) {
+  __shared__ float bounds[kCodeSize - 1];
+  __shared__ float warp_maxima[kThreads / 32];
+  const QuantLut lut = device_lut(code, table, bounds);
+  if (!lut.fast) load_bounds(code, bounds);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t len = n - begin < blocksize ? n - begin : blocksize;
+  constexpr int kMaxPer = kMaxBlock / kThreads;
+  float xs[kMaxPer];
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxPer; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kThreads;
+    xs[j] = i < len ? to_float(x[begin + i]) : 0.0f;
+    amax = vmax(amax, vabs(xs[j]));
+  }
+  amax = warp_max(amax);
+  if (threadIdx.x % 32 == 0) warp_maxima[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) amax = vmax(amax, warp_maxima[w]);
+  if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
+  const float inv = inv_absmax(amax);
+#pragma unroll
+  for (int j = 0; j < kMaxPer; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kThreads;
+    if (i < len) {
+      const float xn = xs[j] * inv;
+      q[begin + i] = static_cast<uint8_t>(lut.fast ? code_index_lut<float, int32_t>(xn, lut)
+                                                   : code_index_search(xn, lut.bounds));
+    }
+  }
+}
+
+template <class T>
+__global__ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const float* code,
+                                  const float* absmax, T* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = from_float<T>(dequantize_one<float, int32_t>(q[i], code, absmax[i / blocksize]));
+  }
+}
+
+template <class F>
+void dispatch_float(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "dtype passed unchecked");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  const char* op = "adam8.quantize_blockwise";
+  check_dtype(op, "x", x, kParamDtypes);
+  check_code(op, "code", code, x.device());
+  check_blocksize(op, blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), cc = code.contiguous();
+  const int64_t n = xc.numel(), blocks = ceil_div(n, blocksize);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, x.options().dtype(at::kFloat));
+  if (n == 0) return {q, absmax};
+  TORCH_CHECK(blocks < (int64_t{1} << 31), op, ": too many blocks (", blocks, ")");
+  const at::Tensor lut = build_luts({cc});
+  dispatch_float(xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    quantize_kernel<T><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        xc.data_ptr<T>(), n, blocksize, cc.data_ptr<float>(), lut.data_ptr<int32_t>(), q.data_ptr<uint8_t>(),
+        absmax.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  const char* op = "adam8.dequantize_blockwise";
+  check_dtype(op, "q", q, {at::kByte});
+  check_device(op, "absmax", absmax, q.device());
+  check_dtype(op, "absmax", absmax, {at::kFloat});
+  check_blocksize(op, blocksize);
+  check_numel(op, "absmax", absmax, ceil_div(q.numel(), blocksize));
+  check_code(op, "code", code, q.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
+                   dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  const int64_t n = qc.numel();
+  if (n == 0) return out;
+  const int64_t grid = std::min<int64_t>(ceil_div(n, kThreads), 65536);
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        qc.data_ptr<uint8_t>(), n, blocksize, cc.data_ptr<float>(), ac.data_ptr<float>(), out.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace adam8

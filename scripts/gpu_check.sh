@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# All the GPU work in one command: build the kernels, run the GPU tests, benchmark against
+# torch.optim.Adam(fused=True), bitsandbytes and torchao, and print a short table last.
+#
+#   scripts/gpu_check.sh [quick]
+#
+# Peers come from .peers/ when present (an ignored folder holding the unpacked wheels of
+# bitsandbytes 0.49.2, libbitsandbytes_cuda130.so only, and torchao 0.18.0: see
+# benchmarks/RESULTS.md for how it is made). Logs go to $OUT (or ./out) as well as stdout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .peers ] && export PYTHONPATH="$PYTHONPATH:$PWD/.peers"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export TORCHADAM8_BUILD_DIR="${TORCHADAM8_BUILD_DIR:-/tmp/torchadam8-build}"
+quick="${1:-}"
+
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+stage "device"
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import bitsandbytes, torchao; print('bitsandbytes', bitsandbytes.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1
+
+stage "build (CPU + CUDA, sm ${TORCH_CUDA_ARCH_LIST})"
+timeout 200 python3 -m torchadam8.build --require-cuda 2>&1 | tee "$out/build.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BUILD FAILED"; tail -40 "$out/build.log"; exit 1; }
+
+stage "GPU tests"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k "cuda" 2>&1 \
+  | tee "$out/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+
+stage "benchmark"
+if [ "$quick" = "quick" ]; then
+  bench_args=(--sets gpt2-medium --dtypes bf16 --steps 10)
+else
+  bench_args=(--steps 15)
+fi
+timeout 300 python3 -m torchadam8.bench --device cuda "${bench_args[@]}" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+
+stage "summary"
+echo "tests: $(tail -1 "$out/tests.log") (rc $tests_rc)"
+grep -E "^(#|\|)" "$out/bench.log" | grep -vE "^\|---" || echo "no benchmark table"
