@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <initializer_list>
+#include <ostream>
 #include <string>
 
 namespace adam8 {
@@ -27,15 +29,27 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
-inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
+using Dtypes = c10::ArrayRef<at::ScalarType>;
+
+inline std::string dtype_list(Dtypes allowed) {
   std::string s;
-  size_t i = 0;
-  for (auto t : allowed) {
+  for (size_t i = 0; i < allowed.size(); ++i) {
     if (i > 0) s += (i + 1 == allowed.size()) ? " or " : ", ";
-    s += dtype_name(t);
-    ++i;
+    s += dtype_name(allowed[i]);
   }
   return s;
+}
+
+// An argument's name in messages: "lr", or "params[3]" for an item of a list. Formatted only
+// when a check fails, so checking thousands of tensors costs no string building.
+struct Arg {
+  const char* name;
+  int64_t index = -1;
+};
+inline std::ostream& operator<<(std::ostream& os, const Arg& a) {
+  os << a.name;
+  if (a.index >= 0) os << "[" << a.index << "]";
+  return os;
 }
 
 // A list argument must hold one tensor per parameter.
@@ -44,8 +58,7 @@ inline void check_length(const char* op, const char* name, size_t got, const cha
                     "; pass one per parameter");
 }
 
-inline void check_dtype(const char* op, const std::string& what, const at::Tensor& t,
-                        std::initializer_list<at::ScalarType> allowed) {
+inline void check_dtype(const char* op, Arg what, const at::Tensor& t, Dtypes allowed) {
   for (auto a : allowed) {
     if (t.scalar_type() == a) return;
   }
@@ -53,16 +66,15 @@ inline void check_dtype(const char* op, const std::string& what, const at::Tenso
                    dtype_list(allowed));
 }
 
-inline void check_device(const char* op, const std::string& what, const at::Tensor& t,
-                         const at::Device& device) {
+inline void check_device(const char* op, Arg what, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", what, " is on ", t.device().str(),
                     " but the parameters are on ", device.str(),
                     "; all tensors of one call must be on one device");
 }
 
 // `t` must match `ref` (a parameter) in shape and strides; `same_dtype` also asks for its dtype.
-inline void check_like(const char* op, const std::string& what, const at::Tensor& t,
-                       const std::string& ref_what, const at::Tensor& ref, bool same_dtype) {
+inline void check_like(const char* op, Arg what, const at::Tensor& t, Arg ref_what, const at::Tensor& ref,
+                       bool same_dtype) {
   TORCH_CHECK_TYPE(!same_dtype || t.scalar_type() == ref.scalar_type(), op, ": ", what, " has dtype ",
                    dtype_name(t.scalar_type()), " but ", ref_what, " has dtype ",
                    dtype_name(ref.scalar_type()), "; they must match");
@@ -73,13 +85,13 @@ inline void check_like(const char* op, const std::string& what, const at::Tensor
 }
 
 // Kernels walk memory linearly, so a tensor must cover its elements without gaps or overlap.
-inline void check_dense(const char* op, const std::string& what, const at::Tensor& t) {
+inline void check_dense(const char* op, Arg what, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", what, " with shape ", t.sizes(),
                     " and strides ", t.strides(),
                     " is not dense; pass a contiguous (or permuted contiguous) tensor");
 }
 
-inline void check_numel(const char* op, const std::string& what, const at::Tensor& t, int64_t want) {
+inline void check_numel(const char* op, Arg what, const at::Tensor& t, int64_t want) {
   TORCH_CHECK_VALUE(t.numel() == want, op, ": ", what, " has ", t.numel(), " elements; expected ", want);
 }
 
@@ -97,11 +109,9 @@ inline void check_blocksize(const char* op, int64_t blocksize) {
                     ": blocksize must be a power of two in [64, 4096], got ", blocksize);
 }
 
-inline std::string item(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
-
 // ---------------------------------------------------------------- per-op checks
 
-constexpr std::initializer_list<at::ScalarType> kParamDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
+constexpr std::array<at::ScalarType, 3> kParamDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
 
 // The checks every Adam op runs on params, grads, its per-parameter states and its scalars.
 // `states` name the per-parameter lists after grads, each with the dtype it must have.
@@ -123,35 +133,37 @@ inline void check_adam_common(const char* op, at::TensorList params, at::TensorL
   check_range(op, "beta2", beta2, 0.0, 1.0);
   check_nonnegative(op, "eps", eps);
   check_nonnegative(op, "weight_decay", weight_decay);
-  check_dtype(op, "lr", lr, {at::kFloat});
-  check_numel(op, "lr", lr, 1);
+  check_dtype(op, {"lr"}, lr, at::kFloat);
+  check_numel(op, {"lr"}, lr, 1);
   if (n == 0) return;
   const at::Device device = params[0].device();
-  check_device(op, "lr", lr, device);
+  check_device(op, {"lr"}, lr, device);
   for (size_t i = 0; i < n; ++i) {
-    const std::string p = item("params", i);
+    const Arg p{"params", static_cast<int64_t>(i)};
     check_dtype(op, p, params[i], kParamDtypes);
     check_device(op, p, params[i], device);
     check_dense(op, p, params[i]);
-    check_device(op, item("grads", i), grads[i], device);
-    check_like(op, item("grads", i), grads[i], p, params[i], /*same_dtype=*/true);
+    const Arg g{"grads", p.index};
+    check_device(op, g, grads[i], device);
+    check_like(op, g, grads[i], p, params[i], /*same_dtype=*/true);
     for (const auto& s : states) {
-      const std::string what = item(s.name, i);
+      const Arg what{s.name, p.index};
       check_device(op, what, s.tensors[i], device);
-      check_dtype(op, what, s.tensors[i], {s.dtype});
+      check_dtype(op, what, s.tensors[i], s.dtype);
       check_like(op, what, s.tensors[i], p, params[i], /*same_dtype=*/false);
     }
-    check_device(op, item("steps", i), steps[i], device);
-    check_dtype(op, item("steps", i), steps[i], {at::kFloat});
-    check_numel(op, item("steps", i), steps[i], 1);
+    const Arg t{"steps", p.index};
+    check_device(op, t, steps[i], device);
+    check_dtype(op, t, steps[i], at::kFloat);
+    check_numel(op, t, steps[i], 1);
   }
 }
 
 // Checks of a quantization code argument.
 inline void check_code(const char* op, const char* name, const at::Tensor& code, const at::Device& device) {
-  check_device(op, name, code, device);
-  check_dtype(op, name, code, {at::kFloat});
-  check_numel(op, name, code, 256);
+  check_device(op, {name}, code, device);
+  check_dtype(op, {name}, code, at::kFloat);
+  check_numel(op, {name}, code, 256);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -163,9 +175,9 @@ inline void check_absmax_lists(const char* op, at::TensorList params, at::Tensor
   check_length(op, "absmax2", absmax2.size(), "params", params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"absmax1", absmax1}, {"absmax2", absmax2}}) {
-      const std::string what = item(name, i);
+      const Arg what{name, static_cast<int64_t>(i)};
       check_device(op, what, list[i], params[i].device());
-      check_dtype(op, what, list[i], {at::kFloat});
+      check_dtype(op, what, list[i], at::kFloat);
       check_numel(op, what, list[i], ceil_div(params[i].numel(), block));
       check_dense(op, what, list[i]);
     }

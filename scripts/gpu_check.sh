@@ -26,22 +26,26 @@ python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 python3 -c "import bitsandbytes, torchao; print('bitsandbytes', bitsandbytes.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1
 
 stage "build (CPU + CUDA, sm ${TORCH_CUDA_ARCH_LIST})"
-timeout 200 python3 -m torchadam8.build --require-cuda 2>&1 | tee "$out/build.log" | tail -5
+timeout 150 python3 -m torchadam8.build --require-cuda 2>&1 | tee "$out/build.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BUILD FAILED"; tail -40 "$out/build.log"; exit 1; }
 
 stage "GPU tests"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k "cuda" 2>&1 \
-  | tee "$out/tests.log" | tail -15
-tests_rc=${PIPESTATUS[0]}
+timeout 120 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k "cuda" \
+  > "$out/tests.log" 2>&1
+tests_rc=$?
+grep -E "FAILED|ERROR|Fatal|Segmentation" "$out/tests.log" | head -20; tail -3 "$out/tests.log"
 
 stage "benchmark"
 if [ "$quick" = "quick" ]; then
   bench_args=(--sets gpt2-medium --dtypes bf16 --steps 10)
 else
-  bench_args=(--steps 15)
+  bench_args=(--sets gpt2-medium,single,small-many --steps 10)
 fi
-timeout 300 python3 -m torchadam8.bench --device cuda "${bench_args[@]}" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+timeout 170 python3 -m torchadam8.bench --device cuda "${bench_args[@]}" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -3
+stage "benchmark, CUDA graph replays (no per-step host work)"
+timeout 60 python3 -m torchadam8.bench --device cuda --graph --sets small-many,gpt2-medium --dtypes fp32 --steps 10 \
+  --peers torchadam8,fused 2>&1 | tee "$out/bench_graph.log" | grep -v "^|" | tail -3
 
 stage "summary"
 echo "tests: $(tail -1 "$out/tests.log") (rc $tests_rc)"
-grep -E "^(#|\|)" "$out/bench.log" | grep -vE "^\|---" || echo "no benchmark table"
+cat "$out/bench.log" "$out/bench_graph.log" 2>/dev/null | grep -E "^(#|\|)" | grep -vE "^\|---|^## " || echo "no benchmark table"

@@ -55,7 +55,8 @@ def _peers(device: str) -> list[Peer]:
     peers = [
         Peer("torchadam8.Adam8bit", lambda ps: torchadam8.Adam8bit(ps), eight),
         Peer("torchadam8.Adam32bit", lambda ps: torchadam8.Adam32bit(ps), thirty_two),
-        Peer("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, fused=True), thirty_two),
+        # capturable: so that --graph can capture it (the same kernel, with lr and step on the device)
+        Peer("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, fused=True, capturable=device != "cpu"), thirty_two),
     ]
     try:
         import bitsandbytes as bnb
@@ -109,7 +110,21 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def run_set(name, shapes, dtype, device, steps, warmup, peers, out):
+def captured(step: Callable[[], None]) -> Callable[[], None]:
+    """The step captured in a CUDA graph (after a warm-up on a side stream): times the kernels
+    without the host's per-step work, as a graph-captured training loop runs them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def run_set(name, shapes, dtype, device, steps, warmup, peers, out, graph=False):
     numel = sum(torch.Size(s).numel() for s in shapes)
     gen = torch.Generator(device=device).manual_seed(0)
     init = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes]
@@ -123,10 +138,10 @@ def run_set(name, shapes, dtype, device, steps, warmup, peers, out):
     for peer in peers:
         params = [torch.nn.Parameter(t.clone()) for t in init]
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g.clone()
         try:
             opt = peer.make(params)
-            t = time_step(opt.step, device, steps, warmup)
+            t = time_step(captured(opt.step) if graph else opt.step, device, steps, warmup)
             rows.append((peer.name, t, numel * peer.bytes_per_param(dtype) / t / 1e9, state_bytes(opt) / numel))
         except Exception as e:  # a peer that cannot run this set is reported, not fatal
             rows.append((f"{peer.name} [failed: {type(e).__name__}: {str(e)[:60]}]", float("nan"), float("nan"), float("nan")))
@@ -138,13 +153,14 @@ def run_set(name, shapes, dtype, device, steps, warmup, peers, out):
     out.append((name, dtype, numel, len(shapes), rows))
 
 
-def print_table(results) -> None:
+def print_table(results, graph: bool = False) -> None:
     for name, dtype, numel, count, rows in results:
         fused = next((t for n, t, *_ in rows if n.startswith("torch Adam")), float("nan"))
         bnb = next((t for n, t, *_ in rows if n.startswith("bitsandbytes")), float("nan"))
         ao = next((t for n, t, *_ in rows if n.startswith("torchao")), float("nan"))
         copy_gbs = rows[0][2]
-        print(f"### {name}: {numel / 1e6:.1f}M {str(dtype).replace('torch.', '')} parameters in {count} tensors\n")
+        print(f"### {name}: {numel / 1e6:.1f}M {str(dtype).replace('torch.', '')} parameters in {count} tensors"
+              f"{' (CUDA graph replays)' if graph else ''}\n")
         print("| optimizer | ms/step | M params/s | GB/s | % of copy | x fused Adam | x bnb 8bit | x torchao 8bit | state B/param |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n, t, gbs, sb in rows:
@@ -166,6 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--peers", default=None, help="comma-separated substrings selecting optimizers")
+    parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays of each step (peers "
+                        "that cannot be captured are reported as failed)")
     args = parser.parse_args(argv)
     device = args.device
     if args.threads:
@@ -186,8 +204,8 @@ def main(argv=None) -> None:
     for name in sets:
         for dtype in dtypes:
             results = []
-            run_set(name, all_sets[name], dtype, device, steps, args.warmup, peers, results)
-            print_table(results)  # each set as soon as it is measured
+            run_set(name, all_sets[name], dtype, device, steps, args.warmup, peers, results, graph=args.graph)
+            print_table(results, args.graph)  # each set as soon as it is measured
             sys.stdout.flush()
 
 

@@ -37,6 +37,27 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+class _Batch:
+    """The argument lists of one op call: params, grads, state1, state2, steps (, absmax1, absmax2)."""
+
+    __slots__ = ("lists", "eight_bit")
+
+    def __init__(self, eight_bit: bool):
+        self.eight_bit = eight_bit
+        self.lists = tuple([] for _ in range(7 if eight_bit else 5))
+
+    def add(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
+        lists = self.lists
+        lists[0].append(p)
+        lists[1].append(g)
+        lists[2].append(state["state1"])
+        lists[3].append(state["state2"])
+        lists[4].append(state["step"])
+        if self.eight_bit:
+            lists[5].append(state["absmax1"])
+            lists[6].append(state["absmax2"])
+
+
 class Adam(torch.optim.Optimizer):
     """Adam with decoupled weight decay and 32-bit or blockwise 8-bit states (bitsandbytes' Adam).
 
@@ -162,15 +183,15 @@ class Adam(torch.optim.Optimizer):
     def _checked_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> torch.Tensor:
         """p.grad, or a clear error naming the parameter; laid out like p."""
         g = p.grad
-        where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
-        if g.is_sparse:
-            raise RuntimeError(f"{where} has a sparse gradient; Adam does not support sparse gradients, "
-                               "use torch.optim.SparseAdam instead")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}; they must match")
-        if g.shape != p.shape:
-            raise ValueError(f"{where}: its gradient has shape {list(g.shape)}; it must match the parameter's")
-        if g.device != p.device:
+        if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+            if g.is_sparse:
+                raise RuntimeError(f"{where} has a sparse gradient; Adam does not support sparse gradients, "
+                                   "use torch.optim.SparseAdam instead")
+            if g.dtype != p.dtype:
+                raise TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}; they must match")
+            if g.shape != p.shape:
+                raise ValueError(f"{where}: its gradient has shape {list(g.shape)}; it must match the parameter's")
             raise ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
         if g.stride() != p.stride() and p.numel() > 1:
             g = torch.empty_like(p).copy_(g)  # the kernels walk p and g in the same memory order
@@ -184,41 +205,36 @@ class Adam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check everything first, so a bad gradient leaves parameters and state untouched.
+        # Check every gradient first, so a bad one leaves parameters and state untouched (the ops
+        # check betas, eps and weight_decay before they change anything).
         work = []
-        # (The ops check betas, eps and weight_decay before they change anything.)
         for gi, group in enumerate(self.param_groups):
-            work.append([(p, self._checked_grad(p, gi, pi)) for pi, p in enumerate(group["params"]) if p.grad is not None])
-        for group, pairs in zip(self.param_groups, work):
-            batches: dict[tuple[torch.device, bool], list] = {}
-            for p, g in pairs:
-                if not self.state[p]:
+            params, grads = [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(self._checked_grad(p, gi, pi))
+            work.append((group, params, grads))
+        for group, params, grads in work:
+            # One op call per (device, 8-bit or not): a handful per group, whatever its size.
+            batches: dict[tuple[torch.device, bool], _Batch] = {}
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if not state:
                     self._init_state(p)
-                batches.setdefault((p.device, self.state[p]["state1"].dtype == torch.uint8), []).append((p, g))
+                eight_bit = state["state1"].dtype == torch.uint8
+                batch = batches.get((p.device, eight_bit))
+                if batch is None:
+                    batch = batches[(p.device, eight_bit)] = _Batch(eight_bit)
+                batch.add(p, g, state)
             for (device, eight_bit), batch in batches.items():
-                self._update(group, device, eight_bit, batch)
+                hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                             weight_decay=group["weight_decay"])
+                if eight_bit:
+                    F.adam8bit(*batch.lists, *self._qmap(device), **hyper)
+                else:
+                    F.adam(*batch.lists, **hyper)
         return loss
-
-    def _update(self, group, device, eight_bit: bool, batch) -> None:
-        params = [p for p, _ in batch]
-        grads = [g for _, g in batch]
-        states = [self.state[p] for p in params]
-        hyper = dict(
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
-        state1 = [s["state1"] for s in states]
-        state2 = [s["state2"] for s in states]
-        steps = [s["step"] for s in states]
-        if eight_bit:
-            absmax1 = [s["absmax1"] for s in states]
-            absmax2 = [s["absmax2"] for s in states]
-            F.adam8bit(params, grads, state1, state2, steps, absmax1, absmax2, *self._qmap(device), **hyper)
-        else:
-            F.adam(params, grads, state1, state2, steps, **hyper)
 
     # ------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, kTaskElems 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code,
                                                           int64_t blocksize) {
   const char* op = "adam8.quantize_blockwise";
-  check_dtype(op, "x", x, kParamDtypes);
+  check_dtype(op, {"x"}, x, kParamDtypes);
   check_code(op, "code", code, x.device());
   check_blocksize(op, blocksize);
   const at::Tensor xc = x.contiguous();
@@ -68,11 +68,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                     int64_t blocksize, at::ScalarType dtype) {
   const char* op = "adam8.dequantize_blockwise";
-  check_dtype(op, "q", q, {at::kByte});
-  check_device(op, "absmax", absmax, q.device());
-  check_dtype(op, "absmax", absmax, {at::kFloat});
+  check_dtype(op, {"q"}, q, at::kByte);
+  check_device(op, {"absmax"}, absmax, q.device());
+  check_dtype(op, {"absmax"}, absmax, at::kFloat);
   check_blocksize(op, blocksize);
-  check_numel(op, "absmax", absmax, ceil_div(q.numel(), blocksize));
+  check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
   check_code(op, "code", code, q.device());
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
                    dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));

@@ -1,5 +1,8 @@
 // CUDA kernels of adam8::adam_step and adam8::adam8bit_blockwise_step: the math of adam8_math.h,
 // one launch per pack of up to kMaxTensors tensors of one parameter dtype (launch.cuh).
+#include <mutex>
+#include <unordered_map>
+
 #include "../checks.h"
 #include "launch.cuh"
 
@@ -14,9 +17,17 @@ struct Hyper {
   double beta1, beta2, eps, weight_decay;
 };
 
-// The constants of this step: the step count is advanced (by the host, after the launch) to t + 1.
-__device__ __forceinline__ AdamScalars step_scalars(const float* lr, const float* step, const Hyper& h) {
-  return adam_scalars(*lr, static_cast<double>(*step) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
+// The constants of this step for tensor t, computed by one thread and shared with the block
+// (the step count is advanced by the host, after the launch, to t + 1).
+template <class P>
+__device__ __forceinline__ AdamScalars block_scalars(const P& pack, int t, const float* lr, const Hyper& h,
+                                                     AdamScalars* shared) {
+  __syncthreads();  // the previous chunk is done reading *shared
+  if (threadIdx.x == 0) {
+    *shared = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
+  }
+  __syncthreads();
+  return *shared;
 }
 
 // Lists: params, grads, exp_avgs, exp_avg_sqs.
@@ -24,14 +35,15 @@ using Pack32 = Pack<4, kMaxTensors>;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const float* lr, Hyper h) {
+  __shared__ AdamScalars shared;
   const int t = pack_tensor(pack, blockIdx.x);
+  const AdamScalars s = block_scalars(pack, t, lr, h, &shared);
   const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
                         static_cast<int64_t>(threadIdx.x) * kPerThread;
   const int64_t left = pack.numel[t] - start;
   if (left <= 0) return;
   const int valid = left < kPerThread ? static_cast<int>(left) : kPerThread;
   const bool vec = pack.aligned[t];
-  const AdamScalars s = step_scalars(lr, pack.step[t], h);
   T* p = static_cast<T*>(pack.ptr[0][t]) + start;
   const T* g = static_cast<const T*>(pack.ptr[1][t]) + start;
   float* m = static_cast<float*>(pack.ptr[2][t]) + start;
@@ -51,28 +63,24 @@ __global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const flo
 // Lists: params, grads, state1, state2, absmax1, absmax2.
 using Pack8 = Pack<6, kMaxTensors>;
 
+// The 8-bit kernel keeps both codes and their tables in shared memory: a quantization is one
+// shared-memory read instead of a scattered global one. Its blocks are persistent (a grid of as
+// many as fit on the GPU, each looping over chunks), so the 52 KB are loaded once per block.
+struct Shared8 {
+  int32_t lut[2][kLutSize];
+  float code[2][kCodeSize];
+  float bounds[2][kCodeSize - 1];
+  AdamScalars scalars;
+};
+
+// One thread's kPerThread elements of one chunk; a warp holds one state block.
 template <class T>
-__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const float* lr, Hyper h, const float* code1,
-                                                            const float* code2, const int32_t* luts) {
-  __shared__ float bounds[2][kCodeSize - 1];
-  const QuantLut lut1 = device_lut(code1, luts, bounds[0]);
-  const QuantLut lut2 = device_lut(code2, luts + kLutStride, bounds[1]);
-  if (!lut1.fast || !lut2.fast) {  // uniform over the block
-    load_bounds(code1, bounds[0]);
-    load_bounds(code2, bounds[1]);
-    __syncthreads();
-  }
-  const int t = pack_tensor(pack, blockIdx.x);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
-                        static_cast<int64_t>(threadIdx.x) * kPerThread;
+__device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t start, const AdamScalars& s,
+                                               const QuantLut& lut1, const QuantLut& lut2) {
   const int64_t left = pack.numel[t] - start;
-  // A warp holds one state block: it leaves together, or its lanes past the end take part with
-  // nothing (the absmax is a warp reduction).
-  if (pack.numel[t] - (start - (threadIdx.x % 32) * kPerThread) <= 0) return;
   const int valid = left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
   const bool vec = pack.aligned[t];
-  const AdamScalars s = step_scalars(lr, pack.step[t], h);
-  const int64_t offset = valid > 0 ? start : 0;
+  const int64_t offset = valid > 0 ? start : 0;  // lanes past the end take part in the reduction only
   T* p = static_cast<T*>(pack.ptr[0][t]) + offset;
   const T* g = static_cast<const T*>(pack.ptr[1][t]) + offset;
   uint8_t* q1 = static_cast<uint8_t*>(pack.ptr[2][t]) + offset;
@@ -90,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const fl
   float max1 = 0.0f, max2 = 0.0f;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    m[j] = dequantize_one<float, int32_t>(c1[j], code1, a1);
-    v[j] = dequantize_one<float, int32_t>(c2[j], code2, a2);
+    m[j] = dequantize_one<float, int32_t>(c1[j], lut1.code, a1);
+    v[j] = dequantize_one<float, int32_t>(c2[j], lut2.code, a2);
     adam_update(pv[j], gv[j], m[j], v[j], s);
     if (j < valid) {
       max1 = vmax(max1, vabs(m[j]));
@@ -113,6 +121,55 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const fl
   store_lanes(p, valid, vec, pv);
   store_codes(q1, valid, vec, c1);
   store_codes(q2, valid, vec, c2);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const float* lr, Hyper h, const float* code1,
+                                                            const float* code2, const int32_t* luts) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared8& sh = *reinterpret_cast<Shared8*>(smem);
+  for (int c = 0; c < 2; ++c) {
+    const int4* src = reinterpret_cast<const int4*>(luts + c * kLutStride);
+    int4* dst = reinterpret_cast<int4*>(sh.lut[c]);
+    for (int i = threadIdx.x; i < kLutSize / 4; i += kThreads) dst[i] = src[i];
+    const float* code = c == 0 ? code1 : code2;
+    for (int i = threadIdx.x; i < kCodeSize; i += kThreads) sh.code[c][i] = code[i];
+    load_bounds(code, sh.bounds[c]);
+  }
+  const QuantLut lut1{sh.code[0], sh.bounds[0], sh.lut[0], luts[kLutSize] == 0};
+  const QuantLut lut2{sh.code[1], sh.bounds[1], sh.lut[1], luts[kLutStride + kLutSize] == 0};
+  const int32_t chunks = pack.first_block[pack.count];
+  for (int32_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const int t = pack_tensor(pack, chunk);
+    const AdamScalars s = block_scalars(pack, t, lr, h, &sh.scalars);  // also orders the table loads
+    const int64_t start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
+                          static_cast<int64_t>(threadIdx.x) * kPerThread;
+    if (pack.numel[t] > start - (threadIdx.x % 32) * kPerThread) {  // the warp's state block exists
+      adam8bit_lanes<T>(pack, t, start, s, lut1, lut2);
+    }
+  }
+}
+
+// Persistent grid of the 8-bit kernel: as many blocks as are resident at once (at most `chunks`).
+// (The shared-memory attribute is set per device on first use, before any capture.)
+template <class T>
+int adam8bit_grid(int32_t chunks) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> resident;  // by device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = resident.find(device);
+  if (it == resident.end()) {
+    auto kernel = adam8bit_kernel<T>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sizeof(Shared8)));
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, sizeof(Shared8)));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    TORCH_CHECK(per_sm > 0, "adam8: the 8-bit kernel's ", sizeof(Shared8), " bytes of shared memory do not fit this GPU");
+    it = resident.emplace(device, per_sm * sms).first;
+  }
+  return std::min<int32_t>(chunks, it->second);
 }
 
 template <class F>
@@ -201,9 +258,10 @@ void adam8bit_blockwise_step_cuda(at::TensorList params, at::TensorList grads, a
       using T = decltype(tag);
       for_each_pack<6, kMaxTensors>(
           gather_lists<6>({params, grads, state1, state2, absmax1, absmax2}, idx), select(steps, idx),
-          [&](const Pack8& pack, int32_t grid) {
-            adam8bit_kernel<T><<<grid, kThreads, 0, stream>>>(pack, lr.data_ptr<float>(), h, code1.data_ptr<float>(),
-                                                              code2.data_ptr<float>(), luts.data_ptr<int32_t>());
+          [&](const Pack8& pack, int32_t chunks) {
+            adam8bit_kernel<T><<<adam8bit_grid<T>(chunks), kThreads, sizeof(Shared8), stream>>>(
+                pack, lr.data_ptr<float>(), h, code1.data_ptr<float>(), code2.data_ptr<float>(),
+                luts.data_ptr<int32_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });

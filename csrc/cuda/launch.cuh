@@ -165,8 +165,9 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 
 // ---------------------------------------------------------------- code tables on the device
-// Per code: kLutSize entries, then one int counting the buckets the table cannot represent (0: fast).
-constexpr int64_t kLutStride = kLutSize + 1;
+// Per code: kLutSize entries, then one int counting the buckets the table cannot represent (0: fast),
+// padded so that every table starts 16-byte aligned.
+constexpr int64_t kLutStride = kLutSize + 4;
 
 // Builds the tables of `codes` (each kCodeSize floats) on the current stream.
 at::Tensor build_luts(const std::vector<at::Tensor>& codes);

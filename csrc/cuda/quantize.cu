@@ -73,7 +73,7 @@ void dispatch_float(at::ScalarType dtype, F&& f) {
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code,
                                                            int64_t blocksize) {
   const char* op = "adam8.quantize_blockwise";
-  check_dtype(op, "x", x, kParamDtypes);
+  check_dtype(op, {"x"}, x, kParamDtypes);
   check_code(op, "code", code, x.device());
   check_blocksize(op, blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -97,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, 
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
   const char* op = "adam8.dequantize_blockwise";
-  check_dtype(op, "q", q, {at::kByte});
-  check_device(op, "absmax", absmax, q.device());
-  check_dtype(op, "absmax", absmax, {at::kFloat});
+  check_dtype(op, {"q"}, q, at::kByte);
+  check_device(op, {"absmax"}, absmax, q.device());
+  check_dtype(op, {"absmax"}, absmax, at::kFloat);
   check_blocksize(op, blocksize);
-  check_numel(op, "absmax", absmax, ceil_div(q.numel(), blocksize));
+  check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
   check_code(op, "code", code, q.device());
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
                    dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
