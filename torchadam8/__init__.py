@@ -10,9 +10,9 @@ import ops_registry as _registry
 
 _registry.define_ops()
 
-from . import build as _build  # noqa: E402
+from . import _extension  # noqa: E402
 
-_build.load()
+_extension.load()
 
 from . import functional  # noqa: E402
 from .optim import Adam, Adam8bit, Adam32bit  # noqa: E402

@@ -1,139 +1,38 @@
-"""Builds and loads the adam8 kernels.
+"""python -m torchadam8.build: compile the kernels ahead of time and say what was built.
 
-``import torchadam8`` loads them, compiling with ninja on first use (cached per torch build and
-CPU instruction set under ``$TORCHADAM8_BUILD_DIR``, default ``~/.cache/torchadam8``).
-``python -m torchadam8.build`` compiles ahead of time: the CPU kernels always, and the CUDA
-kernels whenever torch is a CUDA build and nvcc is found, with or without a GPU present
-(``TORCH_CUDA_ARCH_LIST`` picks the targets; default "8.0;9.0").
+Importing torchadam8 (which this does first) compiles whatever is missing; this command then
+reports the library, whether it holds the CUDA kernels, and the CPU instruction set. With
+--require-cuda it fails unless the CUDA kernels were built (CI uses it: set CUDA_HOME and
+TORCH_CUDA_ARCH_LIST where there is no GPU to detect). TORCHADAM8_VERBOSE=1 shows the compiler's
+commands.
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import argparse
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-NAME = "adam8_kernels"
-_loaded: str | None = None
+from torchadam8 import _extension
 
 
-def source_dir() -> Path:
-    """csrc/: inside the installed package, or beside it in a source checkout."""
-    for candidate in (Path(__file__).parent / "csrc", Path(__file__).parent.parent / "csrc"):
-        if (candidate / "adam8_math.h").is_file():
-            return candidate
-    raise FileNotFoundError(f"torchadam8: kernel sources (csrc/) not found next to {Path(__file__).parent}")
-
-
-def simd_flags() -> list[str]:
-    """AVX2/FMA/F16C when this x86 CPU has them (the kernels fall back to scalar code otherwise)."""
-    if os.environ.get("TORCHADAM8_SIMD", "auto") == "off" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= flags else []
-
-
-def cuda_home() -> str | None:
-    """The CUDA toolkit to build with, or None when torch has no CUDA, nvcc is missing or there
-    are no CUDA sources."""
-    if torch.version.cuda is None or not any(source_dir().glob("cuda/*.cu")):
-        return None
-    from torch.utils import cpp_extension
-
-    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-    return home if home and Path(home, "bin", "nvcc").exists() else None
-
-
-def build_dir(with_cuda: bool) -> Path:
-    tag = f"torch{torch.__version__}-{'cuda' + torch.version.cuda if with_cuda else 'cpu'}"
-    tag += "-avx2" if simd_flags() else "-generic"
-    root = Path(os.environ.get("TORCHADAM8_BUILD_DIR", Path.home() / ".cache" / "torchadam8"))
-    return root / tag.replace("+", "_")
-
-
-def _sources(with_cuda: bool) -> list[Path]:
-    src = source_dir()
-    files = sorted(src.glob("*.cpp")) + sorted(src.glob("cpu/*.cpp"))
-    if with_cuda:
-        files += sorted(src.glob("cuda/*.cu")) + sorted(src.glob("cuda/*.cpp"))
-    return files
-
-
-def _stale(library: Path, with_cuda: bool) -> bool:
-    if not library.exists():
-        return True
-    built = library.stat().st_mtime
-    src = source_dir()
-    inputs = _sources(with_cuda) + list(src.rglob("*.h")) + list(src.rglob("*.cuh"))
-    return any(f.stat().st_mtime > built for f in inputs)
-
-
-def load(verbose: bool = False) -> str:
-    """Compiles the kernels if needed and loads them; returns the library's path."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    from torch.utils import cpp_extension
-
-    home = cuda_home()
-    with_cuda = home is not None
-    if with_cuda:
-        os.environ.setdefault("CUDA_HOME", home)
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    directory = build_dir(with_cuda)
-    directory.mkdir(parents=True, exist_ok=True)
-    library = directory / f"{NAME}.so"
-    building = _stale(library, with_cuda)
-    if building:
-        print(f"torchadam8: compiling {'CPU and CUDA' if with_cuda else 'CPU'} kernels into {directory} ...",
-              file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    # No FMA contraction: the only fused multiply-adds are the explicit ones of adam8_math.h, so
-    # SIMD, scalar and CUDA lanes round alike.
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *simd_flags()]
-    cpp_extension.load(
-        name=NAME,
-        sources=[str(s) for s in _sources(with_cuda)],
-        extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=verbose,
-    )
-    if building:
-        print(f"torchadam8: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    _loaded = str(library)
-    return _loaded
-
-
-def main() -> None:
-    import argparse
-
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     parser.add_argument("--require-cuda", action="store_true", help="fail unless the CUDA kernels are built too")
-    args = parser.parse_args()
-    if args.require_cuda and cuda_home() is None:
-        why = (
-            "torch is a CPU-only build" if torch.version.cuda is None
-            else "there are no CUDA sources in " + str(source_dir() / "cuda") if not any(source_dir().glob("cuda/*.cu"))
-            else "nvcc was not found (set CUDA_HOME to the toolkit's directory)"
-        )
+    args = parser.parse_args(argv)
+    path = _extension.load()
+    cuda = _extension.cuda_home() is not None
+    print(f"torchadam8: kernels ready: {path} (CUDA: {'yes' if cuda else 'no'}, "
+          f"SIMD: {' '.join(_extension.simd_flags()) or 'none'})")
+    if args.require_cuda and not cuda:
+        if torch.version.cuda is None:
+            why = "torch is a CPU-only build"
+        elif not any(_extension.source_dir().glob("cuda/*.cu")):
+            why = f"there are no CUDA sources in {_extension.source_dir() / 'cuda'}"
+        else:
+            why = "nvcc was not found (set CUDA_HOME to the toolkit's directory)"
         sys.exit("torchadam8.build: --require-cuda, but " + why)
-    import torchadam8  # noqa: F401  (defines the op schemas the kernels register against)
-
-    path = load(verbose=args.verbose)
-    print(f"torchadam8: kernels ready: {path} (CUDA: {'yes' if cuda_home() else 'no'}, "
-          f"SIMD: {' '.join(simd_flags()) or 'none'})")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 #include "../quant_lut.h"
 #include "runs.h"
 #include "tasks.h"
@@ -93,12 +94,10 @@ std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& l
 
 }  // namespace
 
-void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay) {
-  const char* op = "adam8.adam_step";
-  check_adam_common(op, params, grads, {{"exp_avgs", exp_avgs, at::kFloat}, {"exp_avg_sqs", exp_avg_sqs, at::kFloat}},
-                    steps, lr, beta1, beta2, eps, weight_decay);
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
   const auto scalars = advance_steps(steps, lr, beta1, beta2, eps, weight_decay);
   const auto tasks = split_tasks(params, kTaskElems);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
@@ -113,18 +112,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   });
 }
 
-void adam8bit_blockwise_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state1,
+void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
                                  at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
                                  at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                                  const at::Tensor& lr, double beta1, double beta2, double eps,
                                  double weight_decay) {
-  const char* op = "adam8.adam8bit_blockwise_step";
-  check_adam_common(op, params, grads, {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}}, steps, lr,
-                    beta1, beta2, eps, weight_decay);
-  check_absmax_lists(op, params, absmax1, absmax2, kStateBlock);
-  const at::Device device = params.empty() ? lr.device() : params[0].device();
-  check_code(op, "qmap1", qmap1, device);
-  check_code(op, "qmap2", qmap2, device);
+  check_adam8bit_blockwise_step(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2,
+                                eps, weight_decay);
 
   const auto scalars = advance_steps(steps, lr, beta1, beta2, eps, weight_decay);
   const HostLut lut1 = build_lut(qmap1.contiguous().data_ptr<float>());

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../kernels.h"
 #include "../quant_lut.h"
 #include "runs.h"
 #include "tasks.h"
@@ -40,12 +41,9 @@ int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, kTaskElems 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code,
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& code,
                                                           int64_t blocksize) {
-  const char* op = "adam8.quantize_blockwise";
-  check_dtype(op, {"x"}, x, kParamDtypes);
-  check_code(op, "code", code, x.device());
-  check_blocksize(op, blocksize);
+  check_quantize_blockwise(x, code, blocksize);
   const at::Tensor xc = x.contiguous();
   const int64_t n = xc.numel();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
@@ -65,17 +63,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
   return {q, absmax};
 }
 
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+at::Tensor dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                     int64_t blocksize, at::ScalarType dtype) {
-  const char* op = "adam8.dequantize_blockwise";
-  check_dtype(op, {"q"}, q, at::kByte);
-  check_device(op, {"absmax"}, absmax, q.device());
-  check_dtype(op, {"absmax"}, absmax, at::kFloat);
-  check_blocksize(op, blocksize);
-  check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
-  check_code(op, "code", code, q.device());
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
-                   dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
+  check_dequantize_blockwise(q, absmax, code, blocksize, dtype);
   const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
   const int64_t n = qc.numel();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
@@ -83,11 +73,11 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& q, const at::Tensor& absma
     const uint8_t* qp = qc.data_ptr<uint8_t>();
     const float* ap = ac.data_ptr<float>();
     const float* cp = cc.data_ptr<float>();
-    T* op_ = out.data_ptr<T>();
+    T* out_ptr = out.data_ptr<T>();
     at::parallel_for(0, ac.numel(), block_grain(blocksize), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * blocksize;
-        dequantize_run(qp + off, std::min(blocksize, n - off), cp, ap[b], op_ + off);
+        dequantize_run(qp + off, std::min(blocksize, n - off), cp, ap[b], out_ptr + off);
       }
     });
   });

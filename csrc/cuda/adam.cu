@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include "../checks.h"
+#include "../kernels.h"
 #include "launch.cuh"
 
 namespace adam8 {
@@ -17,27 +18,34 @@ struct Hyper {
   double beta1, beta2, eps, weight_decay;
 };
 
-// The constants of this step for tensor t, computed by one thread and shared with the block
-// (the step count is advanced by the host, after the launch, to t + 1).
+// The constants of this step for every tensor of a pack, computed once per launch by a prologue
+// kernel (two FP64 pows per tensor: done per block in the main kernel, they stalled every chunk).
+// The step counts are advanced by the host, after the launch, to t + 1.
 template <class P>
-__device__ __forceinline__ AdamScalars block_scalars(const P& pack, int t, const float* lr, const Hyper& h,
-                                                     AdamScalars* shared) {
-  __syncthreads();  // the previous chunk is done reading *shared
-  if (threadIdx.x == 0) {
-    *shared = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
+__global__ void scalars_kernel(P pack, const float* lr, Hyper h, AdamScalars* out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < pack.count) {
+    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
   }
-  __syncthreads();
-  return *shared;
+}
+
+template <class P>
+const AdamScalars* launch_scalars(const P& pack, const at::Tensor& lr, const Hyper& h, at::Tensor& scratch,
+                                  cudaStream_t stream) {
+  scratch = at::empty({pack.count * static_cast<int64_t>(sizeof(AdamScalars))}, lr.options().dtype(at::kByte));
+  auto* out = reinterpret_cast<AdamScalars*>(scratch.data_ptr());
+  scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), h, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 // Lists: params, grads, exp_avgs, exp_avg_sqs.
 using Pack32 = Pack<4, kMaxTensors>;
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const float* lr, Hyper h) {
-  __shared__ AdamScalars shared;
+__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const AdamScalars* scalars) {
   const int t = pack_tensor(pack, blockIdx.x);
-  const AdamScalars s = block_scalars(pack, t, lr, h, &shared);
+  const AdamScalars s = scalars[t];
   const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
                         static_cast<int64_t>(threadIdx.x) * kPerThread;
   const int64_t left = pack.numel[t] - start;
@@ -70,7 +78,6 @@ struct Shared8 {
   int32_t lut[2][kLutSize];
   float code[2][kCodeSize];
   float bounds[2][kCodeSize - 1];
-  AdamScalars scalars;
 };
 
 // One thread's kPerThread elements of one chunk; a warp holds one state block.
@@ -124,7 +131,7 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const float* lr, Hyper h, const float* code1,
+__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, const float* code1,
                                                             const float* code2, const int32_t* luts) {
   extern __shared__ __align__(16) unsigned char smem[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem);
@@ -136,12 +143,13 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const fl
     for (int i = threadIdx.x; i < kCodeSize; i += kThreads) sh.code[c][i] = code[i];
     load_bounds(code, sh.bounds[c]);
   }
+  __syncthreads();
   const QuantLut lut1{sh.code[0], sh.bounds[0], sh.lut[0], luts[kLutSize] == 0};
   const QuantLut lut2{sh.code[1], sh.bounds[1], sh.lut[1], luts[kLutStride + kLutSize] == 0};
   const int32_t chunks = pack.first_block[pack.count];
   for (int32_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int t = pack_tensor(pack, chunk);
-    const AdamScalars s = block_scalars(pack, t, lr, h, &sh.scalars);  // also orders the table loads
+    const AdamScalars s = scalars[t];
     const int64_t start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
                           static_cast<int64_t>(threadIdx.x) * kPerThread;
     if (pack.numel[t] > start - (threadIdx.x % 32) * kPerThread) {  // the warp's state block exists
@@ -170,16 +178,6 @@ int adam8bit_grid(int32_t chunks) {
     it = resident.emplace(device, per_sm * sms).first;
   }
   return std::min<int32_t>(chunks, it->second);
-}
-
-template <class F>
-void dispatch_param_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "dtype passed unchecked");
-  }
 }
 
 // Runs `per_dtype(dtype, indices)` for the indices of the parameters of each dtype.
@@ -212,22 +210,22 @@ std::vector<at::Tensor> select(at::TensorList list, const std::vector<size_t>& i
 
 }  // namespace
 
-void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
                     double beta2, double eps, double weight_decay) {
-  const char* op = "adam8.adam_step";
-  check_adam_common(op, params, grads, {{"exp_avgs", exp_avgs, at::kFloat}, {"exp_avg_sqs", exp_avg_sqs, at::kFloat}},
-                    steps, lr, beta1, beta2, eps, weight_decay);
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Hyper h{beta1, beta2, eps, weight_decay};
   by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
-    dispatch_param_dtype(dtype, [&](auto tag) {
+    dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       for_each_pack<4, kMaxTensors>(gather_lists<4>({params, grads, exp_avgs, exp_avg_sqs}, idx), select(steps, idx),
                                     [&](const Pack32& pack, int32_t grid) {
-                                      adam32_kernel<T><<<grid, kThreads, 0, stream>>>(pack, lr.data_ptr<float>(), h);
+                                      at::Tensor scratch;
+                                      const AdamScalars* s = launch_scalars(pack, lr, h, scratch, stream);
+                                      adam32_kernel<T><<<grid, kThreads, 0, stream>>>(pack, s);
                                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                                     });
     });
@@ -235,33 +233,29 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   at::_foreach_add_(steps, 1.0);
 }
 
-void adam8bit_blockwise_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1,
+void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
                                   at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
                                   at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                                   const at::Tensor& lr, double beta1, double beta2, double eps,
                                   double weight_decay) {
-  const char* op = "adam8.adam8bit_blockwise_step";
-  check_adam_common(op, params, grads, {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}}, steps, lr,
-                    beta1, beta2, eps, weight_decay);
-  check_absmax_lists(op, params, absmax1, absmax2, kStateBlock);
-  const at::Device device = params.empty() ? lr.device() : params[0].device();
-  check_code(op, "qmap1", qmap1, device);
-  check_code(op, "qmap2", qmap2, device);
+  check_adam8bit_blockwise_step(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2,
+                                eps, weight_decay);
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor code1 = qmap1.contiguous(), code2 = qmap2.contiguous();
   const at::Tensor luts = build_luts({code1, code2});
   const Hyper h{beta1, beta2, eps, weight_decay};
   by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
-    dispatch_param_dtype(dtype, [&](auto tag) {
+    dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       for_each_pack<6, kMaxTensors>(
           gather_lists<6>({params, grads, state1, state2, absmax1, absmax2}, idx), select(steps, idx),
           [&](const Pack8& pack, int32_t chunks) {
+            at::Tensor scratch;
+            const AdamScalars* s = launch_scalars(pack, lr, h, scratch, stream);
             adam8bit_kernel<T><<<adam8bit_grid<T>(chunks), kThreads, sizeof(Shared8), stream>>>(
-                pack, lr.data_ptr<float>(), h, code1.data_ptr<float>(), code2.data_ptr<float>(),
-                luts.data_ptr<int32_t>());
+                pack, s, code1.data_ptr<float>(), code2.data_ptr<float>(), luts.data_ptr<int32_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });

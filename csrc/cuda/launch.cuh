@@ -84,6 +84,17 @@ void for_each_pack(const std::array<std::vector<at::Tensor>, kLists>& lists, con
   flush();
 }
 
+// Calls f(T{}) with T the C++ type of a float dtype the ops take.
+template <class F>
+void dispatch_float(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "dtype passed unchecked");
+  }
+}
+
 // ---------------------------------------------------------------- lanes
 // c10's conversions, as on the CPU: round to nearest even.
 template <class T>

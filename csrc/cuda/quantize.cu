@@ -2,6 +2,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../kernels.h"
 #include "launch.cuh"
 
 namespace adam8 {
@@ -58,31 +59,18 @@ __global__ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize
   }
 }
 
-template <class F>
-void dispatch_float(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "dtype passed unchecked");
-  }
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code,
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& code,
                                                            int64_t blocksize) {
-  const char* op = "adam8.quantize_blockwise";
-  check_dtype(op, {"x"}, x, kParamDtypes);
-  check_code(op, "code", code, x.device());
-  check_blocksize(op, blocksize);
+  check_quantize_blockwise(x, code, blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), cc = code.contiguous();
   const int64_t n = xc.numel(), blocks = ceil_div(n, blocksize);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, x.options().dtype(at::kFloat));
   if (n == 0) return {q, absmax};
-  TORCH_CHECK(blocks < (int64_t{1} << 31), op, ": too many blocks (", blocks, ")");
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "adam8.quantize_blockwise: too many blocks (", blocks, ")");
   const at::Tensor lut = build_luts({cc});
   dispatch_float(xc.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -94,17 +82,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, 
   return {q, absmax};
 }
 
-at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+at::Tensor dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
-  const char* op = "adam8.dequantize_blockwise";
-  check_dtype(op, {"q"}, q, at::kByte);
-  check_device(op, {"absmax"}, absmax, q.device());
-  check_dtype(op, {"absmax"}, absmax, at::kFloat);
-  check_blocksize(op, blocksize);
-  check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
-  check_code(op, "code", code, q.device());
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
-                   dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
+  check_dequantize_blockwise(q, absmax, code, blocksize, dtype);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));

@@ -1,30 +1,6 @@
 // Binds the CUDA kernels to the adam8 ops; the schemas are defined from ops_registry.
 #include <torch/library.h>
 
-#include <tuple>
+#include "../kernels.h"
 
-namespace adam8 {
-namespace cuda {
-
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code,
-                                                           int64_t blocksize);
-at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
-                                     int64_t blocksize, at::ScalarType dtype);
-void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
-                    double beta2, double eps, double weight_decay);
-void adam8bit_blockwise_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                                  at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
-                                  at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                                  const at::Tensor& lr, double beta1, double beta2, double eps,
-                                  double weight_decay);
-
-TORCH_LIBRARY_IMPL(adam8, CUDA, m) {
-  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
-  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
-  m.impl("adam_step", &adam_step_cuda);
-  m.impl("adam8bit_blockwise_step", &adam8bit_blockwise_step_cuda);
-}
-
-}  // namespace cuda
-}  // namespace adam8
+TORCH_LIBRARY_IMPL(adam8, CUDA, m) { ADAM8_BIND_KERNELS(adam8::cuda) }

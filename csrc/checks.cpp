@@ -1,0 +1,230 @@
+// Argument checks of every op, shared by the CPU and CUDA kernels (and compiled once, by the host
+// compiler). Each sentence is the one the op's fake implementation in ops_registry/checks.py
+// raises, so eager, compiled and fake calls fail alike.
+#include "checks.h"
+
+#include <array>
+#include <ostream>
+#include <string>
+
+namespace adam8 {
+namespace {
+
+// "torch.float32", as Python prints a dtype.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+using Dtypes = c10::ArrayRef<at::ScalarType>;
+
+std::string dtype_list(Dtypes allowed) {
+  std::string s;
+  for (size_t i = 0; i < allowed.size(); ++i) {
+    if (i > 0) s += (i + 1 == allowed.size()) ? " or " : ", ";
+    s += dtype_name(allowed[i]);
+  }
+  return s;
+}
+
+// An argument's name in messages: "lr", or "params[3]" for an item of a list. Formatted only
+// when a check fails, so checking thousands of tensors costs no string building.
+struct Arg {
+  const char* name;
+  int64_t index = -1;
+};
+std::ostream& operator<<(std::ostream& os, const Arg& a) {
+  os << a.name;
+  if (a.index >= 0) os << "[" << a.index << "]";
+  return os;
+}
+
+// A list argument must hold one tensor per parameter.
+void check_length(const char* op, const char* name, size_t got, const char* ref, size_t want) {
+  TORCH_CHECK_VALUE(got == want, op, ": ", name, " has ", got, " tensors but ", ref, " has ", want,
+                    "; pass one per parameter");
+}
+
+void check_dtype(const char* op, Arg what, const at::Tensor& t, Dtypes allowed) {
+  for (auto a : allowed) {
+    if (t.scalar_type() == a) return;
+  }
+  TORCH_CHECK_TYPE(false, op, ": ", what, " has dtype ", dtype_name(t.scalar_type()), "; expected ",
+                   dtype_list(allowed));
+}
+
+void check_device(const char* op, Arg what, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", what, " is on ", t.device().str(),
+                    " but the parameters are on ", device.str(),
+                    "; all tensors of one call must be on one device");
+}
+
+// `t` must match `ref` (a parameter) in shape and strides; `same_dtype` also asks for its dtype.
+void check_like(const char* op, Arg what, const at::Tensor& t, Arg ref_what, const at::Tensor& ref,
+                       bool same_dtype) {
+  TORCH_CHECK_TYPE(!same_dtype || t.scalar_type() == ref.scalar_type(), op, ": ", what, " has dtype ",
+                   dtype_name(t.scalar_type()), " but ", ref_what, " has dtype ",
+                   dtype_name(ref.scalar_type()), "; they must match");
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", what, " has shape ", t.sizes(), " but ", ref_what,
+                    " has shape ", ref.sizes(), "; they must match");
+  TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == ref.strides(), op, ": ", what, " has strides ",
+                    t.strides(), " but ", ref_what, " has strides ", ref.strides(), "; they must match");
+}
+
+// Kernels walk memory linearly, so a tensor must cover its elements without gaps or overlap.
+void check_dense(const char* op, Arg what, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", what, " with shape ", t.sizes(),
+                    " and strides ", t.strides(),
+                    " is not dense; pass a contiguous (or permuted contiguous) tensor");
+}
+
+void check_numel(const char* op, Arg what, const at::Tensor& t, int64_t want) {
+  TORCH_CHECK_VALUE(t.numel() == want, op, ": ", what, " has ", t.numel(), " elements; expected ", want);
+}
+
+void check_range(const char* op, const char* name, double value, double lo, double hi) {
+  TORCH_CHECK_VALUE(value >= lo && value < hi, op, ": ", name, " must be in [", lo, ", ", hi, "), got ",
+                    value);
+}
+
+void check_nonnegative(const char* op, const char* name, double value) {
+  TORCH_CHECK_VALUE(value >= 0.0, op, ": ", name, " must be >= 0, got ", value);
+}
+
+void check_blocksize(const char* op, int64_t blocksize) {
+  TORCH_CHECK_VALUE(blocksize >= 64 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, op,
+                    ": blocksize must be a power of two in [64, 4096], got ", blocksize);
+}
+
+// ---------------------------------------------------------------- per-op checks
+
+constexpr std::array<at::ScalarType, 3> kParamDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
+
+// The checks every Adam op runs on params, grads, its per-parameter states and its scalars.
+// `states` name the per-parameter lists after grads, each with the dtype it must have.
+struct StateList {
+  const char* name;
+  at::TensorList tensors;
+  at::ScalarType dtype;
+};
+
+void check_adam_common(const char* op, at::TensorList params, at::TensorList grads,
+                              std::initializer_list<StateList> states, at::TensorList steps,
+                              const at::Tensor& lr, double beta1, double beta2, double eps,
+                              double weight_decay) {
+  const size_t n = params.size();
+  check_length(op, "grads", grads.size(), "params", n);
+  for (const auto& s : states) check_length(op, s.name, s.tensors.size(), "params", n);
+  check_length(op, "steps", steps.size(), "params", n);
+  check_range(op, "beta1", beta1, 0.0, 1.0);
+  check_range(op, "beta2", beta2, 0.0, 1.0);
+  check_nonnegative(op, "eps", eps);
+  check_nonnegative(op, "weight_decay", weight_decay);
+  check_dtype(op, {"lr"}, lr, at::kFloat);
+  check_numel(op, {"lr"}, lr, 1);
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  check_device(op, {"lr"}, lr, device);
+  for (size_t i = 0; i < n; ++i) {
+    const Arg p{"params", static_cast<int64_t>(i)};
+    check_dtype(op, p, params[i], kParamDtypes);
+    check_device(op, p, params[i], device);
+    check_dense(op, p, params[i]);
+    const Arg g{"grads", p.index};
+    check_device(op, g, grads[i], device);
+    check_like(op, g, grads[i], p, params[i], /*same_dtype=*/true);
+    for (const auto& s : states) {
+      const Arg what{s.name, p.index};
+      check_device(op, what, s.tensors[i], device);
+      check_dtype(op, what, s.tensors[i], s.dtype);
+      check_like(op, what, s.tensors[i], p, params[i], /*same_dtype=*/false);
+    }
+    const Arg t{"steps", p.index};
+    check_device(op, t, steps[i], device);
+    check_dtype(op, t, steps[i], at::kFloat);
+    check_numel(op, t, steps[i], 1);
+  }
+}
+
+// Checks of a quantization code argument.
+void check_code(const char* op, const char* name, const at::Tensor& code, const at::Device& device) {
+  check_device(op, {name}, code, device);
+  check_dtype(op, {name}, code, at::kFloat);
+  check_numel(op, {name}, code, 256);
+}
+
+
+// absmax1 / absmax2 of a blockwise 8-bit op: one float32 per block of each parameter.
+void check_absmax_lists(const char* op, at::TensorList params, at::TensorList absmax1,
+                               at::TensorList absmax2, int64_t block) {
+  check_length(op, "absmax1", absmax1.size(), "params", params.size());
+  check_length(op, "absmax2", absmax2.size(), "params", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"absmax1", absmax1}, {"absmax2", absmax2}}) {
+      const Arg what{name, static_cast<int64_t>(i)};
+      check_device(op, what, list[i], params[i].device());
+      check_dtype(op, what, list[i], at::kFloat);
+      check_numel(op, what, list[i], ceil_div(params[i].numel(), block));
+      check_dense(op, what, list[i]);
+    }
+  }
+}
+
+
+}  // namespace
+
+void check_quantize_blockwise(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
+  const char* op = "adam8.quantize_blockwise";
+  check_dtype(op, {"x"}, x, kParamDtypes);
+  check_code(op, "code", code, x.device());
+  check_blocksize(op, blocksize);
+}
+
+void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                                int64_t blocksize, at::ScalarType dtype) {
+  const char* op = "adam8.dequantize_blockwise";
+  check_dtype(op, {"q"}, q, at::kByte);
+  check_device(op, {"absmax"}, absmax, q.device());
+  check_dtype(op, {"absmax"}, absmax, at::kFloat);
+  check_blocksize(op, blocksize);
+  check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
+  check_code(op, "code", code, q.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
+                   dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
+}
+
+void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList steps, const at::Tensor& lr, double beta1, double beta2, double eps,
+                     double weight_decay) {
+  check_adam_common("adam8.adam_step", params, grads,
+                    {{"exp_avgs", exp_avgs, at::kFloat}, {"exp_avg_sqs", exp_avg_sqs, at::kFloat}}, steps, lr, beta1,
+                    beta2, eps, weight_decay);
+}
+
+void check_adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
+                                   at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
+                                   at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                                   const at::Tensor& lr, double beta1, double beta2, double eps,
+                                   double weight_decay) {
+  const char* op = "adam8.adam8bit_blockwise_step";
+  check_adam_common(op, params, grads, {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}}, steps, lr,
+                    beta1, beta2, eps, weight_decay);
+  check_absmax_lists(op, params, absmax1, absmax2, kStateBlock);
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
+  check_code(op, "qmap1", qmap1, device);
+  check_code(op, "qmap2", qmap2, device);
+}
+
+}  // namespace adam8

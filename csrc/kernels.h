@@ -1,0 +1,36 @@
+// The kernel of every adam8 op, declared once for each backend (adam8::cpu, adam8::cuda) with the
+// C++ types of its schema in ops_registry; register_cpu.cpp / cuda/register_cuda.cpp bind them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#define ADAM8_DECLARE_KERNELS                                                                                      \
+  std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& code,              \
+                                                        int64_t blocksize);                                        \
+  at::Tensor dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,           \
+                                  int64_t blocksize, at::ScalarType dtype);                                        \
+  void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, \
+                 at::TensorList steps, const at::Tensor& lr, double beta1, double beta2, double eps,               \
+                 double weight_decay);                                                                             \
+  void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,                 \
+                               at::TensorList state2, at::TensorList steps, at::TensorList absmax1,                \
+                               at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,           \
+                               const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay);
+
+// Inside TORCH_LIBRARY_IMPL(adam8, <key>, m): binds every op to the kernels of namespace `ns`.
+#define ADAM8_BIND_KERNELS(ns)                                   \
+  m.impl("quantize_blockwise", &ns::quantize_blockwise);         \
+  m.impl("dequantize_blockwise", &ns::dequantize_blockwise);     \
+  m.impl("adam_step", &ns::adam_step);                           \
+  m.impl("adam8bit_blockwise_step", &ns::adam8bit_blockwise_step);
+
+namespace adam8 {
+namespace cpu {
+ADAM8_DECLARE_KERNELS
+}  // namespace cpu
+namespace cuda {
+ADAM8_DECLARE_KERNELS
+}  // namespace cuda
+}  // namespace adam8
