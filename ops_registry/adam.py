@@ -185,7 +185,7 @@ def _adam_errors(make, state_names, state_dtype, device):
 
     def strided(a, k):  # a parameter that skips every other element, and matching grad and states
         for index in range(4):
-            a[index][0] = torch.empty(600, dtype=a[index][0].dtype, device=device)[::2]
+            a[index][0] = (torch.rand(600, device=device) * 200).to(a[index][0].dtype)[::2]
 
     yield broken(strided, ValueError, r"params\[0\] with shape \[300\] and strides \[2\] is not dense")
     if torch.device(device).type != "cpu":
