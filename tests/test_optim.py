@@ -30,6 +30,21 @@ def set_grads(params, scale=1e-1):
         p.grad = (torch.randn_like(p, dtype=torch.float32) * scale).to(p.dtype)
 
 
+def copies(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def step_both(steps, params, step, twin_params, twin_step, before_step=lambda i: None):
+    """`steps` calls of step and twin_step, each after the same fresh random gradients."""
+    for i in range(steps):
+        set_grads(params)
+        for p, q in zip(params, twin_params):
+            q.grad = p.grad.clone()
+        before_step(i)
+        step()
+        twin_step()
+
+
 def snapshot(opt, params):
     return copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))
 
@@ -53,15 +68,10 @@ def test_signature_is_the_seeds(cls):
 def test_adam32bit_matches_torch_adamw_100_steps():
     torch.manual_seed(0)
     params = make_params()
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = copies(params)
     ours = Adam32bit(params, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
     theirs = torch.optim.AdamW(ref, lr=3e-3, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
-    for _ in range(100):
-        set_grads(params)
-        for p, r in zip(params, ref):
-            r.grad = p.grad.clone()
-        ours.step()
-        theirs.step()
+    step_both(100, params, ours.step, ref, theirs.step)
     for p, r in zip(params, ref):
         if p.numel():
             assert (p - r).abs().max() <= 1e-5 * r.detach().abs().max(), p.shape
@@ -154,7 +164,7 @@ def test_args_object_replaces_constructor_values():
 
 def test_closure_and_functional_api_agree():
     params = make_params(((600,),))
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = copies(params)
     opt = Adam8bit(params, min_8bit_size=1, lr=1e-2)
     x = torch.randn(600)
 
@@ -184,15 +194,10 @@ def test_parity_with_bitsandbytes_50_steps(bits):
     torch.manual_seed(1)
     shapes = ((256, 129), (4097,), (1000,))
     params = make_params(shapes)
-    theirs_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs_params = copies(params)
     ours = (Adam8bit if bits == 8 else Adam32bit)(params, lr=1e-3, weight_decay=0.01)
     theirs = (bnb.optim.Adam8bit if bits == 8 else bnb.optim.Adam32bit)(theirs_params, lr=1e-3, weight_decay=0.01)
-    for _ in range(50):
-        set_grads(params)
-        for p, q in zip(params, theirs_params):
-            q.grad = p.grad.clone()
-        ours.step()
-        theirs.step()
+    step_both(50, params, ours.step, theirs_params, theirs.step)
     for p, q in zip(params, theirs_params):
         err = (p - q).abs()
         if bits == 8:  # bitsandbytes' own 8-bit tolerances
@@ -217,16 +222,11 @@ def test_state_dict_round_trip_through_torch_save(cls):
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin_params = copies(params)
     twin = cls(twin_params, lr=0.5, optim_bits=8 if cls is Adam else 32, min_8bit_size=16)
     twin.load_state_dict(loaded)
     assert twin.param_groups[0]["lr"] == 1e-2
-    for _ in range(5):
-        set_grads(params)
-        for p, q in zip(params, twin_params):
-            q.grad = p.grad.clone()
-        opt.step()
-        twin.step()
+    step_both(5, params, opt.step, twin_params, twin.step)
     assert_same(snapshot(opt, params), snapshot(twin, twin_params))
 
 
@@ -365,14 +365,11 @@ def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_ch
 
 def test_compiled_step_matches_eager():
     params = make_params(((4096,), (33,)))
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = copies(params)
     opt, opt_twin = Adam8bit(params), Adam8bit(twin)
-    compiled = torch.compile(opt_twin.step, fullgraph=True)
-    for i in range(3):
-        set_grads(params)
-        for p, q in zip(params, twin):
-            q.grad = p.grad.clone()
+
+    def set_lr(i):
         opt.param_groups[0]["lr"] = opt_twin.param_groups[0]["lr"] = 1e-3 * (i + 1)
-        opt.step()
-        compiled()
+
+    step_both(3, params, opt.step, twin, torch.compile(opt_twin.step, fullgraph=True), set_lr)
     assert_same(snapshot(opt, params), snapshot(opt_twin, twin))
