@@ -21,3 +21,24 @@ def _seed():
     random.seed(SEED)
     torch.manual_seed(SEED)
     yield
+
+
+# ------------------------------------------------------------ optimizer pairs
+def set_grads(params, scale=1e-1):
+    for p in params:
+        p.grad = (torch.randn_like(p, dtype=torch.float32) * scale).to(p.dtype)
+
+
+def copies(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def step_both(steps, params, step, twin_params, twin_step, before_step=lambda i: None):
+    """`steps` calls of step and twin_step, each after the same fresh random gradients."""
+    for i in range(steps):
+        set_grads(params)
+        for p, q in zip(params, twin_params):
+            q.grad = p.grad.clone()
+        before_step(i)
+        step()
+        twin_step()

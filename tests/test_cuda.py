@@ -8,6 +8,8 @@ import torch
 import torchadam8
 from ops_registry import OPS
 
+from conftest import copies, step_both
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -39,15 +41,10 @@ def make(shapes, dtype=torch.float32):
 
 def test_adam32bit_matches_fused_adamw_on_cuda():
     params = make(((256, 1000), (4097,), (33,)))
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = copies(params)
     ours = torchadam8.Adam32bit(params, lr=1e-3, weight_decay=0.1)
     theirs = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.1, fused=True)
-    for _ in range(100):
-        for p, r in zip(params, ref):
-            p.grad = torch.randn_like(p) * 0.1
-            r.grad = p.grad.clone()
-        ours.step()
-        theirs.step()
+    step_both(100, params, ours.step, ref, theirs.step)
     for p, r in zip(params, ref):
         assert (p - r).abs().max() <= 1e-5 * r.abs().max()
 
@@ -93,7 +90,7 @@ def test_step_does_not_synchronize():
 @pytest.mark.parametrize("cls", [torchadam8.Adam8bit, torchadam8.Adam32bit], ids=lambda c: c.__name__)
 def test_cuda_graph_capture_replays_eager_steps(cls):
     params = make(((5000,), (3, 300)))
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = copies(params)
     grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, twin, grads):
         p.grad, q.grad = g, g.clone()
@@ -120,15 +117,10 @@ def test_cuda_graph_capture_replays_eager_steps(cls):
 def test_adam8bit_parity_with_bitsandbytes_on_cuda():
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes for the GPU parity test")
     params = make(((512, 1000), (4097,)))
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = copies(params)
     opt = torchadam8.Adam8bit(params, lr=1e-3)
     ref = bnb.optim.Adam8bit(theirs, lr=1e-3)
-    for _ in range(50):
-        for p, q in zip(params, theirs):
-            p.grad = torch.randn_like(p) * 0.1
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+    step_both(50, params, opt.step, theirs, ref.step)
     for p, q in zip(params, theirs):
         err = (p - q).abs()
         assert err.mean() < 6e-5 and (err / (q.abs() + 1e-8)).mean() < 6e-4

@@ -14,6 +14,8 @@ from ops_registry.adam import adam_reference
 from ops_registry.testing import EPS, assert_close_scaled
 from torchadam8 import Adam, Adam8bit, Adam32bit
 
+from conftest import copies, set_grads, step_both
+
 CLASSES = [Adam, Adam8bit, Adam32bit]
 SEED_SIGNATURE = (
     "(params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0, amsgrad=False, optim_bits=32, "
@@ -23,26 +25,6 @@ SEED_SIGNATURE = (
 
 def make_params(shapes=((64, 128), (300,), (17,), (0,)), dtype=torch.float32, device="cpu"):
     return [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes]
-
-
-def set_grads(params, scale=1e-1):
-    for p in params:
-        p.grad = (torch.randn_like(p, dtype=torch.float32) * scale).to(p.dtype)
-
-
-def copies(params):
-    return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-def step_both(steps, params, step, twin_params, twin_step, before_step=lambda i: None):
-    """`steps` calls of step and twin_step, each after the same fresh random gradients."""
-    for i in range(steps):
-        set_grads(params)
-        for p, q in zip(params, twin_params):
-            q.grad = p.grad.clone()
-        before_step(i)
-        step()
-        twin_step()
 
 
 def snapshot(opt, params):

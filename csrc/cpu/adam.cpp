@@ -95,8 +95,8 @@ std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& l
 }  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
-                   double beta2, double eps, double weight_decay) {
+               at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
+               double beta2, double eps, double weight_decay) {
   check_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
   const auto scalars = advance_steps(steps, lr, beta1, beta2, eps, weight_decay);
   const auto tasks = split_tasks(params, kTaskElems);
@@ -113,10 +113,10 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }
 
 void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                                 at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
-                                 at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                                 const at::Tensor& lr, double beta1, double beta2, double eps,
-                                 double weight_decay) {
+                             at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
+                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                             const at::Tensor& lr, double beta1, double beta2, double eps,
+                             double weight_decay) {
   check_adam8bit_blockwise_step(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2,
                                 eps, weight_decay);
 

@@ -14,11 +14,9 @@ namespace adam8 {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxBlock = 4096;
-
 template <class T>
 void quantize_block(const T* x, int64_t n, const QuantLut& lut, uint8_t* out, float* absmax) {
-  alignas(64) float xf[kMaxBlock];
+  alignas(64) float xf[kMaxRun];
   constexpr int W = Lane<Wide>::kWidth;
   Wide wmax(0.0f);
   int64_t i = 0;
@@ -42,7 +40,7 @@ int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, kTaskElems 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& code,
-                                                          int64_t blocksize) {
+                                                      int64_t blocksize) {
   check_quantize_blockwise(x, code, blocksize);
   const at::Tensor xc = x.contiguous();
   const int64_t n = xc.numel();
@@ -64,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
 }
 
 at::Tensor dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
-                                    int64_t blocksize, at::ScalarType dtype) {
+                                int64_t blocksize, at::ScalarType dtype) {
   check_dequantize_blockwise(q, absmax, code, blocksize, dtype);
   const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
   const int64_t n = qc.numel();

@@ -62,7 +62,6 @@ inline float load_lane(const c10::BFloat16* p) { return static_cast<float>(*p); 
 inline void store_lane(float* p, float x) { *p = x; }
 inline void store_lane(c10::Half* p, float x) { *p = c10::Half(x); }  // round to nearest even
 inline void store_lane(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
-inline int32_t load_code(const uint8_t* p) { return *p; }
 inline void store_ints(int32_t* p, int32_t x) { *p = x; }
 inline int32_t load_ints(const int32_t* p, float*) { return *p; }
 inline void store_code(uint8_t* p, int32_t q) { *p = static_cast<uint8_t>(q); }
@@ -101,9 +100,6 @@ inline void store_lane(c10::BFloat16* p, VecF x) {
 }
 inline void store_ints(int32_t* p, VecI x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x.v); }
 inline VecI load_ints(const int32_t* p, VecF*) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline VecI load_code(const uint8_t* p, VecF*) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
 inline void store_code(uint8_t* p, VecI q) {
   __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q.v), _mm256_extracti128_si256(q.v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
@@ -128,7 +124,6 @@ struct Lane<float> {
   static constexpr int kWidth = 1;
   template <class T>
   static float load(const T* p) { return load_lane(p); }
-  static int32_t code(const uint8_t* p) { return load_code(p); }
 };
 #ifdef ADAM8_HAVE_AVX2
 template <>
@@ -137,7 +132,6 @@ struct Lane<VecF> {
   static constexpr int kWidth = 8;
   template <class T>
   static VecF load(const T* p) { return load_lane(p, static_cast<VecF*>(nullptr)); }
-  static VecI code(const uint8_t* p) { return load_code(p, static_cast<VecF*>(nullptr)); }
 };
 using Wide = VecF;
 #else

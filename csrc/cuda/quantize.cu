@@ -62,7 +62,7 @@ __global__ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& code,
-                                                           int64_t blocksize) {
+                                                      int64_t blocksize) {
   check_quantize_blockwise(x, code, blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), cc = code.contiguous();
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
 }
 
 at::Tensor dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
-                                     int64_t blocksize, at::ScalarType dtype) {
+                                int64_t blocksize, at::ScalarType dtype) {
   check_dequantize_blockwise(q, absmax, code, blocksize, dtype);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
