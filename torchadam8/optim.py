@@ -167,18 +167,34 @@ class Adam(torch.optim.Optimizer):
             self._qmaps[device] = dynamic_maps(device)
         return self._qmaps[device]
 
+    def _state_spec(self, p: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Every tensor the state of `p` holds: key -> (dtype, shape). Moments have p's layout."""
+        spec = {"step": (torch.float32, ())}
+        shape = tuple(p.shape)
+        if self._uses_8bit(p):
+            scales = (p.numel() + BLOCK - 1) // BLOCK if self.args.block_wise else 1
+            keys = (1, 2, 3) if self._amsgrad(p) else (1, 2)
+            for k in keys:
+                spec[f"state{k}"] = (torch.uint8, shape)
+                spec[f"absmax{k}"] = (torch.float32, (scales,))
+        else:
+            keys = (1, 2, 3) if self._amsgrad(p) else (1, 2)
+            for k in keys:
+                spec[f"state{k}"] = (torch.float32, shape)
+        if self.args.percentile_clipping < 100:
+            spec["gnorm_vec"] = (torch.float32, (100,))
+        return spec
+
+    def _amsgrad(self, p: torch.Tensor) -> bool:
+        return False
+
     def _init_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if self._uses_8bit(p):
-            blocks = (p.numel() + BLOCK - 1) // BLOCK
-            state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
-            state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
-            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-            state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-        else:
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        for key, (dtype, shape) in self._state_spec(p).items():
+            if shape == tuple(p.shape):
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            else:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _checked_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> torch.Tensor:
         """p.grad, or a clear error naming the parameter; laid out like p."""
