@@ -53,38 +53,118 @@ ADAM8_HD int32_t gt_as_int(int32_t a, int32_t b) { return a > b ? 1 : 0; }
 ADAM8_HD float gather(const float* table, int32_t i) { return table[i]; }
 ADAM8_HD int32_t gather(const int32_t* table, int32_t i) { return table[i]; }
 
+// Lane masks: bool for float lanes, an all-ones/all-zeros vector for SIMD lanes.
+ADAM8_HD bool vlt(float a, float b) { return a < b; }
+ADAM8_HD bool vne(float a, float b) { return a != b; }
+ADAM8_HD bool mand(bool a, bool b) { return a && b; }
+ADAM8_HD float vselect(bool mask, float a, float b) { return mask ? a : b; }
+
 // ---------------------------------------------------------------- Adam
 // Per-tensor constants of one step, derived in double from the step count and the learning rate
 // (both read from tensors, so neither is baked into a compiled graph).
 struct AdamScalars {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float step_size;     // lr / (1 - beta1^t)
+  float step_size;     // lr / (1 - beta1^t), times the max_unorm scale once it is known
   float inv_sqrt_bc2;  // 1 / sqrt(1 - beta2^t)
   float decay;         // 1 - lr * weight_decay: decoupled decay, as torch.optim.AdamW
+  float grad_scale;    // percentile clipping's factor on the gradient (1: none)
+  float bc1;           // 1 - beta1^t
 };
 
 ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double beta2, double eps,
-                                  double weight_decay) {
+                                  double weight_decay, float grad_scale) {
   AdamScalars s;
   s.beta1 = static_cast<float>(beta1);
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(eps);
+  s.bc1 = static_cast<float>(1.0 - pow(beta1, step));
   s.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
   s.inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
   s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.grad_scale = grad_scale;
   return s;
 }
 
-// One Adam step on one lane: p <- p*(1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
-// with m and v the new moments (Kingma & Ba, Algorithm 1; decay as Loshchilov & Hutter).
+// The new moments of one lane, in place; returns where the parameter is updated. A non-finite
+// gradient element (NaN or inf after scaling) updates nothing and resets its m and v to 0
+// (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an element
+// whose gradient is exactly 0 keeps p, m, v as they were. vmax is the running maximum of v
+// (amsgrad), `vm`, is untouched unless kAmsgrad.
+template <bool kAmsgrad, class V>
+ADAM8_HD auto adam_moments(V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
+  g = g * V(s.grad_scale);
+  const auto finite = vlt(vabs(g), V(INFINITY));  // false for NaN
+  const auto update = skip_zeros ? mand(finite, vne(g, V(0.0f))) : finite;
+  const V m_new = fmadd(V(s.beta1), m, V(s.one_minus_beta1) * g);
+  const V v_new = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * (g * g));
+  m = vselect(update, m_new, vselect(finite, m, V(0.0f)));
+  v = vselect(update, v_new, vselect(finite, v, V(0.0f)));
+  if (kAmsgrad) vm = vselect(update, vmax(vm, v_new), vm);
+  return update;
+}
+
+// Adam's direction m / (sqrt(v)/sqrt(1 - beta2^t) + eps), v being the running max under amsgrad
+// (Kingma & Ba, Algorithm 1; torch.optim.AdamW's amsgrad).
 template <class V>
-ADAM8_HD void adam_update(V& p, V g, V& m, V& v, const AdamScalars& s) {
-  m = fmadd(V(s.beta1), m, V(s.one_minus_beta1) * g);
-  v = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * (g * g));
-  V denom = fmadd(vsqrt(v), V(s.inv_sqrt_bc2), V(s.eps));
-  p = p * V(s.decay) - V(s.step_size) * m / denom;
+ADAM8_HD V adam_direction(V m, V v, const AdamScalars& s) {
+  return m / fmadd(vsqrt(v), V(s.inv_sqrt_bc2), V(s.eps));
+}
+
+// The new parameter: decoupled decay (Loshchilov & Hutter), then the step along `direction`.
+template <class V>
+ADAM8_HD V adam_param(V p, V direction, const AdamScalars& s) {
+  return p * V(s.decay) - V(s.step_size) * direction;
+}
+
+// One Adam step on one lane (moments, then the parameter where it is updated).
+template <bool kAmsgrad, class V>
+ADAM8_HD void adam_update(V& p, V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
+  const auto update = adam_moments<kAmsgrad>(g, m, v, vm, s, skip_zeros);
+  p = vselect(update, adam_param(p, adam_direction(m, kAmsgrad ? vm : v, s), s), p);
+}
+
+// Per-tensor sums and maxima of a step, gathered before the update when the update needs them:
+// bitsandbytes' max_unorm (the update's norm against the parameter's) and per-tensor 8-bit scales.
+struct StepStats {
+  double dir_sq;  // sum of squared directions of updated elements
+  double p_sq;    // sum of squared parameters before the step
+  float max1, max2, max3;  // new max |m|, max v, max vmax
+};
+
+// max_unorm's factor on the step: the update m_hat / (sqrt(v_hat) + eps) may have at most
+// max_unorm times the parameter's norm (bitsandbytes' rule; 1 when max_unorm is 0).
+ADAM8_HD float unorm_scale(double dir_sq, double p_sq, float bc1, double max_unorm) {
+  if (max_unorm <= 0.0) return 1.0f;
+  const double unorm = sqrt(dir_sq) / bc1, limit = max_unorm * sqrt(p_sq);
+  return unorm > limit ? static_cast<float>(limit / unorm) : 1.0f;
+}
+
+// ---------------------------------------------------------------- percentile clipping
+constexpr int kGnormHistory = 100;
+
+// Records the squared gradient norm of step t (>= 1) in the history (slot t mod 100; step 1 fills
+// every slot) and returns the factor on the gradient: clip / norm when the norm exceeds the clip,
+// the square root of the `percentile`-th smallest recorded value (bitsandbytes 0.49's rule).
+ADAM8_HD float record_gnorm(float* history, double norm_sq, double t, int64_t percentile) {
+  const float value = static_cast<float>(norm_sq);
+  if (t <= 1.0) {
+    for (int i = 0; i < kGnormHistory; ++i) history[i] = value;
+  } else {
+    history[static_cast<int64_t>(fmod(t, static_cast<double>(kGnormHistory)))] = value;
+  }
+  float kth = value;  // the value with `percentile` smaller ones before it in sorted order
+  for (int i = 0; i < kGnormHistory; ++i) {
+    int below = 0, at_or_below = 0;
+    for (int j = 0; j < kGnormHistory; ++j) {
+      below += history[j] < history[i];
+      at_or_below += history[j] <= history[i];
+    }
+    if (below <= percentile && percentile < at_or_below) kth = history[i];
+  }
+  const float clip = sqrtf(kth), norm = sqrtf(value);
+  return norm > clip ? clip / norm : 1.0f;
 }
 
 // ---------------------------------------------------------------- 8-bit codes

@@ -83,6 +83,12 @@ void check_like(const char* op, Arg what, const at::Tensor& t, Arg ref_what, con
                     t.strides(), " but ", ref_what, " has strides ", ref.strides(), "; they must match");
 }
 
+// An amsgrad list holds one tensor per parameter, or none when amsgrad is off.
+void check_optional_length(const char* op, const char* name, size_t got, size_t want) {
+  TORCH_CHECK_VALUE(got == 0 || got == want, op, ": ", name, " has ", got, " tensors but params has ", want,
+                    "; pass one per parameter with amsgrad, none without");
+}
+
 // Kernels walk memory linearly, so a tensor must cover its elements without gaps or overlap.
 void check_dense(const char* op, Arg what, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", what, " with shape ", t.sizes(),
@@ -118,6 +124,7 @@ struct StateList {
   const char* name;
   at::TensorList tensors;
   at::ScalarType dtype;
+  bool optional = false;  // may be empty (amsgrad off)
 };
 
 void check_adam_common(const char* op, at::TensorList params, at::TensorList grads,
@@ -126,7 +133,13 @@ void check_adam_common(const char* op, at::TensorList params, at::TensorList gra
                               double weight_decay) {
   const size_t n = params.size();
   check_length(op, "grads", grads.size(), "params", n);
-  for (const auto& s : states) check_length(op, s.name, s.tensors.size(), "params", n);
+  for (const auto& s : states) {
+    if (s.optional) {
+      check_optional_length(op, s.name, s.tensors.size(), n);
+    } else {
+      check_length(op, s.name, s.tensors.size(), "params", n);
+    }
+  }
   check_length(op, "steps", steps.size(), "params", n);
   check_range(op, "beta1", beta1, 0.0, 1.0);
   check_range(op, "beta2", beta2, 0.0, 1.0);
@@ -146,6 +159,7 @@ void check_adam_common(const char* op, at::TensorList params, at::TensorList gra
     check_device(op, g, grads[i], device);
     check_like(op, g, grads[i], p, params[i], /*same_dtype=*/true);
     for (const auto& s : states) {
+      if (s.tensors.empty()) continue;
       const Arg what{s.name, p.index};
       check_device(op, what, s.tensors[i], device);
       check_dtype(op, what, s.tensors[i], s.dtype);
@@ -166,22 +180,26 @@ void check_code(const char* op, const char* name, const at::Tensor& code, const 
 }
 
 
-// absmax1 / absmax2 of a blockwise 8-bit op: one float32 per block of each parameter.
-void check_absmax_lists(const char* op, at::TensorList params, at::TensorList absmax1,
-                               at::TensorList absmax2, int64_t block) {
-  check_length(op, "absmax1", absmax1.size(), "params", params.size());
-  check_length(op, "absmax2", absmax2.size(), "params", params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"absmax1", absmax1}, {"absmax2", absmax2}}) {
-      const Arg what{name, static_cast<int64_t>(i)};
-      check_device(op, what, list[i], params[i].device());
-      check_dtype(op, what, list[i], at::kFloat);
-      check_numel(op, what, list[i], ceil_div(params[i].numel(), block));
-      check_dense(op, what, list[i]);
-    }
+// The scales of an 8-bit state list: one float32 per block of each parameter, or one per tensor.
+void check_absmax_list(const char* op, const char* name, at::TensorList params, at::TensorList absmax,
+                       bool block_wise) {
+  for (size_t i = 0; i < absmax.size(); ++i) {
+    const Arg what{name, static_cast<int64_t>(i)};
+    check_device(op, what, absmax[i], params[i].device());
+    check_dtype(op, what, absmax[i], at::kFloat);
+    check_numel(op, what, absmax[i], block_wise ? ceil_div(params[i].numel(), kStateBlock) : 1);
+    check_dense(op, what, absmax[i]);
   }
 }
 
+// The per-parameter gradient factors of percentile clipping: a float32 vector, one per parameter.
+void check_gnorm_scales(const char* op, const c10::optional<at::Tensor>& scales, size_t n, const at::Device& device) {
+  if (!scales.has_value()) return;
+  check_device(op, {"gnorm_scales"}, *scales, device);
+  check_dtype(op, {"gnorm_scales"}, *scales, at::kFloat);
+  check_numel(op, {"gnorm_scales"}, *scales, static_cast<int64_t>(n));
+  check_dense(op, {"gnorm_scales"}, *scales);
+}
 
 }  // namespace
 
@@ -206,25 +224,67 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
 }
 
 void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList steps, const at::Tensor& lr, double beta1, double beta2, double eps,
-                     double weight_decay) {
-  check_adam_common("adam8.adam_step", params, grads,
-                    {{"exp_avgs", exp_avgs, at::kFloat}, {"exp_avg_sqs", exp_avg_sqs, at::kFloat}}, steps, lr, beta1,
-                    beta2, eps, weight_decay);
+                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+                     const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                     double weight_decay, double max_unorm) {
+  const char* op = "adam8.adam_step";
+  check_adam_common(op, params, grads,
+                    {{"exp_avgs", exp_avgs, at::kFloat},
+                     {"exp_avg_sqs", exp_avg_sqs, at::kFloat},
+                     {"max_exp_avg_sqs", max_exp_avg_sqs, at::kFloat, true}},
+                    steps, lr, beta1, beta2, eps, weight_decay);
+  check_nonnegative(op, "max_unorm", max_unorm);
+  check_gnorm_scales(op, gnorm_scales, params.size(), params.empty() ? lr.device() : params[0].device());
 }
 
-void check_adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                                   at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
-                                   at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                                   const at::Tensor& lr, double beta1, double beta2, double eps,
-                                   double weight_decay) {
-  const char* op = "adam8.adam8bit_blockwise_step";
-  check_adam_common(op, params, grads, {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}}, steps, lr,
-                    beta1, beta2, eps, weight_decay);
-  check_absmax_lists(op, params, absmax1, absmax2, kStateBlock);
+void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                         at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
+                         at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                         const at::Tensor& lr, const c10::optional<at::Tensor>& gnorm_scales, double beta1,
+                         double beta2, double eps, double weight_decay, double max_unorm, bool block_wise) {
+  const char* op = "adam8.adam8bit_step";
+  check_adam_common(op, params, grads,
+                    {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}, {"state3", state3, at::kByte, true}},
+                    steps, lr, beta1, beta2, eps, weight_decay);
+  check_length(op, "absmax1", absmax1.size(), "params", params.size());
+  check_length(op, "absmax2", absmax2.size(), "params", params.size());
+  check_length(op, "absmax3", absmax3.size(), "state3", state3.size());
+  check_absmax_list(op, "absmax1", params, absmax1, block_wise);
+  check_absmax_list(op, "absmax2", params, absmax2, block_wise);
+  check_absmax_list(op, "absmax3", params, absmax3, block_wise);
   const at::Device device = params.empty() ? lr.device() : params[0].device();
   check_code(op, "qmap1", qmap1, device);
   check_code(op, "qmap2", qmap2, device);
+  check_nonnegative(op, "max_unorm", max_unorm);
+  check_gnorm_scales(op, gnorm_scales, params.size(), device);
+}
+
+void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
+                               int64_t percentile, const at::Tensor& scales) {
+  const char* op = "adam8.percentile_clipping";
+  const size_t n = grads.size();
+  check_length(op, "gnorm_vecs", gnorm_vecs.size(), "grads", n);
+  check_length(op, "steps", steps.size(), "grads", n);
+  TORCH_CHECK_VALUE(percentile >= 0 && percentile < kGnormHistory, op, ": percentile must be in [0, 100), got ",
+                    percentile);
+  const at::Device device = n == 0 ? scales.device() : grads[0].device();
+  check_device(op, {"scales"}, scales, device);
+  check_dtype(op, {"scales"}, scales, at::kFloat);
+  check_numel(op, {"scales"}, scales, static_cast<int64_t>(n));
+  check_dense(op, {"scales"}, scales);
+  for (size_t i = 0; i < n; ++i) {
+    const Arg g{"grads", static_cast<int64_t>(i)}, h{"gnorm_vecs", g.index}, t{"steps", g.index};
+    check_dtype(op, g, grads[i], kParamDtypes);
+    check_device(op, g, grads[i], device);
+    check_dense(op, g, grads[i]);
+    check_device(op, h, gnorm_vecs[i], device);
+    check_dtype(op, h, gnorm_vecs[i], at::kFloat);
+    check_numel(op, h, gnorm_vecs[i], kGnormHistory);
+    check_dense(op, h, gnorm_vecs[i]);
+    check_device(op, t, steps[i], device);
+    check_dtype(op, t, steps[i], at::kFloat);
+    check_numel(op, t, steps[i], 1);
+  }
 }
 
 }  // namespace adam8

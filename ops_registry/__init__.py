@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .adam import ADAM8BIT_BLOCKWISE_STEP, ADAM_STEP
+from .adam import ADAM8BIT_STEP, ADAM_STEP
+from .clipping import PERCENTILE_CLIPPING
 from .opinfo import ErrorInput, OpInfo, SampleInput
 from .quantize import DEQUANTIZE_BLOCKWISE, QUANTIZE_BLOCKWISE
 
@@ -20,7 +21,8 @@ OPS: tuple[OpInfo, ...] = (
     QUANTIZE_BLOCKWISE,
     DEQUANTIZE_BLOCKWISE,
     ADAM_STEP,
-    ADAM8BIT_BLOCKWISE_STEP,
+    ADAM8BIT_STEP,
+    PERCENTILE_CLIPPING,
 )
 
 _library: torch.library.Library | None = None

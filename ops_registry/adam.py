@@ -1,4 +1,6 @@
-"""Registry entries of the Adam update ops (32-bit and blockwise 8-bit states)."""
+"""Registry entries of the Adam update ops (32-bit and 8-bit states), every option of the
+optimizers included: amsgrad (a third state), percentile clipping's gradient factors, max_unorm,
+skip_zeros and, for 8-bit states, one scale per block of 256 values or one per tensor."""
 
 from __future__ import annotations
 
@@ -13,69 +15,129 @@ from .quantize import dequantize_reference, quantize_reference
 from .testing import EPS, assert_close_scaled, make_code, randn
 
 ADAM = "adam8.adam_step"
-ADAM8 = "adam8.adam8bit_blockwise_step"
+ADAM8 = "adam8.adam8bit_step"
 BLOCK = 256  # the optimizer's state block (csrc/adam8_math.h: kStateBlock)
+
+# Positions of the tensor arguments (the floats and flags are passed by name).
+ADAM_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lr", "gnorm_scales")
+ADAM8_ARGS = ("params", "grads", "state1", "state2", "state3", "steps", "absmax1", "absmax2", "absmax3",
+              "qmap1", "qmap2", "lr", "gnorm_scales")
 
 
 # ---------------------------------------------------------------- fakes
-def adam_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
-    states = (("exp_avgs", exp_avgs, torch.float32), ("exp_avg_sqs", exp_avg_sqs, torch.float32))
+def adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+              weight_decay, max_unorm, skip_zeros):
+    f32 = torch.float32
+    states = (("exp_avgs", exp_avgs, f32, False), ("exp_avg_sqs", exp_avg_sqs, f32, False),
+              ("max_exp_avg_sqs", max_exp_avg_sqs, f32, True))
     checks.check_adam_common(ADAM, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
+    checks.check_nonnegative(ADAM, "max_unorm", max_unorm)
+    checks.check_gnorm_scales(ADAM, gnorm_scales, len(params), params[0].device if params else lr.device)
 
 
-def adam8bit_fake(
-    params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, eps, weight_decay
-):
-    states = (("state1", state1, torch.uint8), ("state2", state2, torch.uint8))
+def adam8bit_fake(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
+                  gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+    u8 = torch.uint8
+    states = (("state1", state1, u8, False), ("state2", state2, u8, False), ("state3", state3, u8, True))
     checks.check_adam_common(ADAM8, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
-    checks.check_absmax_lists(ADAM8, params, absmax1, absmax2, BLOCK)
+    checks.check_length(ADAM8, "absmax1", len(absmax1), "params", len(params))
+    checks.check_length(ADAM8, "absmax2", len(absmax2), "params", len(params))
+    checks.check_length(ADAM8, "absmax3", len(absmax3), "state3", len(state3))
+    for name, absmax in (("absmax1", absmax1), ("absmax2", absmax2), ("absmax3", absmax3)):
+        checks.check_absmax_list(ADAM8, name, params, absmax, block_wise, BLOCK)
     device = params[0].device if params else lr.device
     checks.check_code(ADAM8, "qmap1", qmap1, device)
     checks.check_code(ADAM8, "qmap2", qmap2, device)
+    checks.check_nonnegative(ADAM8, "max_unorm", max_unorm)
+    checks.check_gnorm_scales(ADAM8, gnorm_scales, len(params), device)
 
 
 # ---------------------------------------------------------------- references
-def _adam_fp64(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step in float64 (Loshchilov & Hutter, Algorithm 2): returns new p, m, v."""
-    g = g.double()
-    m = beta1 * m.double() + (1 - beta1) * g
-    v = beta2 * v.double() + (1 - beta2) * g * g
-    denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
-    p = p.double() * (1 - lr * weight_decay) - lr / (1 - beta1**step) * m / denom
-    return p, m, v
-
-
-def adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        t.add_(1)
-        p64, m64, v64 = _adam_fp64(p, g, m, v, t.item(), lr.item(), beta1, beta2, eps, weight_decay)
-        p.copy_(p64)
-        m.copy_(m64)
-        v.copy_(v64)
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The elements of a dense tensor in memory order (blocks follow memory, not indexing)."""
     return t.as_strided((t.numel(),), (1,))
 
 
-def adam8bit_reference(
-    params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, eps, weight_decay
-):
-    for p, g, s1, s2, t, a1, a2 in zip(params, grads, state1, state2, steps, absmax1, absmax2):
-        m = dequantize_reference(_flat(s1), a1, qmap1, BLOCK, torch.float32)
-        v = dequantize_reference(_flat(s2), a2, qmap2, BLOCK, torch.float32)
+def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_scale, max_unorm, skip_zeros):
+    """One step in float64 on flat tensors, written from the options' descriptions: returns new
+    p, m, v, vm (vm None without amsgrad).
+
+    AdamW (Loshchilov & Hutter, Algorithm 2; amsgrad as torch.optim.AdamW) on g * grad_scale.
+    Elements whose scaled gradient is not finite are not updated and get m = v = 0; with
+    skip_zeros, elements whose gradient is 0 keep p, m, v. max_unorm > 0 scales the step so that
+    the norm of m_hat / (sqrt(v_hat) + eps) stays within max_unorm times the norm of p.
+    """
+    g = g.double() * grad_scale
+    m, v, p = m.double(), v.double(), p.double()
+    finite = g.isfinite()
+    update = finite & (g != 0) if skip_zeros else finite
+    g = torch.where(finite, g, 0.0)
+    m_new = beta1 * m + (1 - beta1) * g
+    v_new = beta2 * v + (1 - beta2) * g * g
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    if vm is not None:
+        vm = torch.where(update, torch.maximum(vm.double(), v_new), vm.double())
+    denom = (vm if vm is not None else v_new).sqrt() / math.sqrt(bc2) + eps
+    direction = torch.where(update, m_new, 0.0) / denom
+    scale = 1.0
+    if max_unorm > 0:
+        unorm = float(direction.square().sum().sqrt()) / bc1
+        limit = max_unorm * float(p.square().sum().sqrt())
+        scale = limit / unorm if unorm > limit else 1.0
+    p_new = p * (1 - lr * weight_decay) - lr / bc1 * scale * direction
+    p = torch.where(update, p_new, p)
+    m = torch.where(update, m_new, torch.where(finite, m, 0.0))
+    v = torch.where(update, v_new, torch.where(finite, v, 0.0))
+    return p, m, v, vm
+
+
+def _grad_scales(gnorm_scales, n):
+    return [1.0] * n if gnorm_scales is None else gnorm_scales.double().tolist()
+
+
+def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+                   weight_decay, max_unorm, skip_zeros):
+    vms = max_exp_avg_sqs or [None] * len(params)
+    for p, g, m, v, vm, t, gs in zip(params, grads, exp_avgs, exp_avg_sqs, vms, steps,
+                                     _grad_scales(gnorm_scales, len(params))):
         t.add_(1)
-        p64, m64, v64 = _adam_fp64(_flat(p), _flat(g), m, v, t.item(), lr.item(), beta1, beta2, eps, weight_decay)
+        out = _adam_fp64(_flat(p), _flat(g), _flat(m), _flat(v), None if vm is None else _flat(vm), t.item(),
+                         lr.item(), beta1, beta2, eps, weight_decay, gs, max_unorm, skip_zeros)
+        for dst, src in zip((p, m, v, vm), out):
+            if dst is not None:
+                _flat(dst).copy_(src)
+
+
+def quantize_per_tensor(x: torch.Tensor, code: torch.Tensor):
+    """Nearest codes of x / max|x| (the codes of block_wise=False) and that scale, shape [1]."""
+    q, absmax = quantize_reference(x.reshape(1, -1), code, max(x.numel(), 1))
+    return q.reshape(x.shape), absmax.reshape(1) if absmax.numel() else x.new_zeros(1)
+
+
+def adam8bit_reference(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
+                       gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+    n = len(params)
+    s3, a3 = (state3, absmax3) if state3 else ([None] * n, [None] * n)
+    for i, (p, g, t, gs) in enumerate(zip(params, grads, steps, _grad_scales(gnorm_scales, n))):
+        block = BLOCK if block_wise else max(p.numel(), 1)
+        codes = ((state1[i], absmax1[i], qmap1), (state2[i], absmax2[i], qmap2), (s3[i], a3[i], qmap2))
+        m, v, vm = (None if q is None else dequantize_reference(_flat(q), a, c, block, torch.float32) for q, a, c in codes)
+        t.add_(1)
+        p64, *moments = _adam_fp64(_flat(p), _flat(g), m, v, vm, t.item(), lr.item(), beta1, beta2, eps,
+                                   weight_decay, gs, max_unorm, skip_zeros)
         _flat(p).copy_(p64)
-        for s, a, x, code in ((s1, a1, m64, qmap1), (s2, a2, v64, qmap2)):
-            q, amax = quantize_reference(x.float(), code, BLOCK)
-            _flat(s).copy_(q)
+        for (q, a, code), x in zip(codes, moments):
+            if q is None:
+                continue
+            qx, amax = quantize_reference(x.float(), code, BLOCK) if block_wise else quantize_per_tensor(x.float(), code)
+            _flat(q).copy_(qx)
             a.copy_(amax)
 
 
 # ---------------------------------------------------------------- samples
 SHAPES = ((1,), (255,), (257,), (3, 5), (0,), (4097,), (16, 33))
+# Options a sample turns on ("all": every one of them at once).
+OPTIONS = ("amsgrad", "gnorm_scales", "max_unorm", "skip_zeros", "nonfinite", "per_tensor")
 
 
 def _hyper(device):
@@ -89,128 +151,183 @@ def _hyper(device):
     }
 
 
-def _params(shapes, dtypes, device, transposed=False):
+def _params(shapes, dtypes, device, transposed, options):
     params = [randn(*s, dtype=d, device=device) for s, d in zip(shapes, dtypes)]
     if transposed:  # a permuted dense tensor: states and grads follow its strides
         params.append(randn(9, 20, device=device).t())
     grads = [torch.empty_like(p).copy_(randn(*p.shape, device=device)) for p in params]
+    for g in grads:
+        flat = _flat(g)
+        if "skip_zeros" in options and g.numel():  # a tenth of the gradient exactly zero
+            flat[torch.rand(g.numel(), device=device) < 0.1] = 0
+        if "nonfinite" in options and g.numel() > 2:
+            flat[random.randrange(g.numel())] = float("nan")
+            flat[random.randrange(g.numel())] = random.choice((float("inf"), float("-inf")))
     steps = [torch.tensor(float(random.randint(0, 300)), device=device) for _ in params]
     return params, grads, steps
 
 
-def _adam_sample(shapes, dtypes, device, transposed=False):
-    params, grads, steps = _params(shapes, dtypes, device, transposed)
-    m = [torch.empty_like(p, dtype=torch.float32).copy_(randn(*p.shape, device=device) * 1e-2) for p in params]
-    v = [torch.empty_like(p, dtype=torch.float32).copy_(randn(*p.shape, device=device, positive=True) * 1e-4) for p in params]
+def _option_kwargs(options, n, device):
+    """gnorm_scales and the float / flag options of a sample."""
+    scales = None
+    if "gnorm_scales" in options:  # some 1 (no clipping), others a factor in (0.05, 1)
+        scales = torch.where(torch.rand(n, device=device) < 0.3, 1.0, torch.rand(n, device=device) * 0.95 + 0.05)
+    return scales, {
+        "max_unorm": random.choice((1e-3, 0.02)) if "max_unorm" in options else 0.0,
+        "skip_zeros": "skip_zeros" in options,
+    }
+
+
+def _adam_sample(shapes, dtypes, device, transposed=False, options=()):
+    params, grads, steps = _params(shapes, dtypes, device, transposed, options)
+
+    def moment(p, scale, positive=False):
+        return torch.empty_like(p, dtype=torch.float32).copy_(randn(*p.shape, device=device, positive=positive) * scale)
+
+    m = [moment(p, 1e-2) for p in params]
+    v = [moment(p, 1e-4, positive=True) for p in params]
+    vm = [x + moment(x, 1e-4, positive=True) * random.choice((0.0, 1.0)) for x in v] if "amsgrad" in options else []
     lr, hyper = _hyper(device)
-    return SampleInput((params, grads, m, v, steps, lr), hyper)
+    scales, kwargs = _option_kwargs(options, len(params), device)
+    return SampleInput((params, grads, m, v, vm, steps, lr, scales), {**hyper, **kwargs})
 
 
-def _adam8bit_sample(shapes, dtypes, device, transposed=False):
-    params, grads, steps = _params(shapes, dtypes, device, transposed)
+def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
+    params, grads, steps = _params(shapes, dtypes, device, transposed, options)
     qmap1, qmap2 = make_code(True, device), make_code(False, device)
-    s1, s2, a1, a2 = [], [], [], []
+    block_wise = "per_tensor" not in options
+    lists = {k: [] for k in ("s1", "s2", "s3", "a1", "a2", "a3")}
     for p in params:
-        for states, absmax, code, values in (
-            (s1, a1, qmap1, randn(p.numel(), device=device) * 1e-2),
-            (s2, a2, qmap2, randn(p.numel(), device=device, positive=True) * 1e-4),
-        ):
-            q, amax = quantize_reference(values, code, BLOCK)
+        v = randn(p.numel(), device=device, positive=True) * 1e-4
+        moments = [("1", qmap1, randn(p.numel(), device=device) * 1e-2), ("2", qmap2, v)]
+        if "amsgrad" in options:
+            moments.append(("3", qmap2, v + randn(p.numel(), device=device, positive=True) * 1e-4))
+        for k, code, values in moments:
+            q, amax = quantize_reference(values, code, BLOCK) if block_wise else quantize_per_tensor(values, code)
             state = torch.empty_like(p, dtype=torch.uint8)
             _flat(state).copy_(q)
-            states.append(state)
-            absmax.append(amax)
+            lists["s" + k].append(state)
+            lists["a" + k].append(amax)
     lr, hyper = _hyper(device)
-    return SampleInput((params, grads, s1, s2, steps, a1, a2, qmap1, qmap2, lr), hyper)
+    scales, kwargs = _option_kwargs(options, len(params), device)
+    args = (params, grads, lists["s1"], lists["s2"], lists["s3"], steps, lists["a1"], lists["a2"], lists["a3"],
+            qmap1, qmap2, lr, scales)
+    return SampleInput(args, {**hyper, **kwargs, "block_wise": block_wise})
 
 
 def _mixed_dtypes(n):
     return [checks.PARAM_DTYPES[i % 3] for i in range(n)]
 
 
-def adam_samples(device):
-    yield _adam_sample(SHAPES, _mixed_dtypes(len(SHAPES)), device, transposed=True)
-    yield _adam_sample((), (), device)
+def _samples(make, device, options, size):
+    yield make(SHAPES, _mixed_dtypes(len(SHAPES)), device, transposed=True)
+    yield make((), (), device)
     for d in checks.PARAM_DTYPES:
-        yield _adam_sample(((300,), (2, 2)), (d, d), device)
+        yield make(((size,), (2, 2)), (d, d), device)
+    for option in options:  # each option alone, then all together
+        yield make(SHAPES, _mixed_dtypes(len(SHAPES)), device, options=(option,))
+    yield make(SHAPES, _mixed_dtypes(len(SHAPES)), device, transposed=True, options=options)
+
+
+def adam_samples(device):
+    yield from _samples(_adam_sample, device, OPTIONS[:-1], 300)
 
 
 def adam8bit_samples(device):
-    yield _adam8bit_sample(SHAPES, _mixed_dtypes(len(SHAPES)), device, transposed=True)
-    yield _adam8bit_sample((), (), device)
-    for d in checks.PARAM_DTYPES:
-        yield _adam8bit_sample(((700,), (2, 2)), (d, d), device)
+    yield from _samples(_adam8bit_sample, device, OPTIONS, 700)
 
 
 def adam_sweep(device, dtype, numel):
     yield _adam_sample(((numel,), (3,)), (dtype, torch.float32), device)
+    yield _adam_sample(((numel,), (3,)), (dtype, torch.float32), device, options=OPTIONS[:-1])
 
 
 def adam8bit_sweep(device, dtype, numel):
     yield _adam8bit_sample(((numel,), (3,)), (dtype, torch.float32), device)
+    yield _adam8bit_sample(((numel,), (3,)), (dtype, torch.float32), device, options=OPTIONS)
 
 
-def _adam_errors(make, state_names, state_dtype, device):
+def _adam_errors(make, names, state_names, state_dtype, device):
     """Error inputs shared by both Adam ops; `make` builds a valid sample to break."""
+    at = {name: i for i, name in enumerate(names)}
+    op = ADAM if make is _adam_sample else ADAM8
 
-    def broken(change, error, regex):
-        s = make(((300,), (2, 3)), (torch.float32, torch.float32), device)
+    def broken(change, error, regex, options=("amsgrad",)):
+        s = make(((300,), (2, 3)), (torch.float32, torch.float32), device, options=options)
         args, kwargs = list(s.args), dict(s.kwargs)
         change(args, kwargs)
         return ErrorInput(SampleInput(tuple(args), kwargs), error, regex)
 
-    def set_item(index, i, value):
-        return lambda a, k: a[index].__setitem__(i, value(a[index][i]))
+    def set_item(name, i, value):
+        return lambda a, k: a[at[name]].__setitem__(i, value(a[at[name]][i]))
 
-    op = ADAM if make is _adam_sample else ADAM8
-    lr_index = 5 if op == ADAM else 9
-    yield broken(lambda a, k: a[1].pop(), ValueError, rf"{op}: grads has 1 tensors but params has 2")
-    yield broken(lambda a, k: a[2].pop(), ValueError, rf"{state_names[0]} has 1 tensors but params has 2")
-    yield broken(lambda a, k: a[4].pop(), ValueError, r"steps has 1 tensors but params has 2")
+    def set_arg(name, value):
+        return lambda a, k: a.__setitem__(at[name], value(a[at[name]]))
+
+    s1, s2, s3 = state_names
+    yield broken(lambda a, k: a[at["grads"]].pop(), ValueError, rf"{op}: grads has 1 tensors but params has 2")
+    yield broken(lambda a, k: a[at[s1]].pop(), ValueError, rf"{s1} has 1 tensors but params has 2")
+    yield broken(lambda a, k: a[at[s3]].pop(), ValueError,
+                 rf"{s3} has 1 tensors but params has 2; pass one per parameter with amsgrad, none without")
+    yield broken(lambda a, k: a[at["steps"]].pop(), ValueError, r"steps has 1 tensors but params has 2")
     yield broken(lambda a, k: k.update(beta1=1.0), ValueError, r"beta1 must be in \[0, 1\), got 1")
     yield broken(lambda a, k: k.update(beta2=-0.5), ValueError, r"beta2 must be in \[0, 1\), got -0.5")
     yield broken(lambda a, k: k.update(eps=-1e-8), ValueError, r"eps must be >= 0, got -1e-08")
     yield broken(lambda a, k: k.update(weight_decay=-0.1), ValueError, r"weight_decay must be >= 0, got -0.1")
-    yield broken(lambda a, k: a.__setitem__(lr_index, a[lr_index].double()), TypeError, r"lr has dtype torch.float64")
-    yield broken(lambda a, k: a.__setitem__(lr_index, torch.ones(2, device=device)), ValueError, r"lr has 2 elements")
-    yield broken(set_item(0, 1, lambda p: p.to(torch.complex64)), TypeError, r"params\[1\] has dtype torch.complex64")
-    yield broken(set_item(0, 0, lambda p: p.double()), TypeError, r"params\[0\] has dtype torch.float64; expected")
-    yield broken(set_item(1, 0, lambda g: g.half()), TypeError, r"grads\[0\] has dtype torch.float16 but params\[0\]")
-    yield broken(set_item(1, 1, lambda g: g.reshape(3, 2)), ValueError, r"grads\[1\] has shape \[3, 2\] but params\[1\] has shape \[2, 3\]")
-    yield broken(set_item(1, 1, lambda g: g.t().contiguous().t()), ValueError, r"grads\[1\] has strides \[1, 2\] but params\[1\] has strides \[3, 1\]")
-    yield broken(set_item(2, 0, lambda s: s.to(torch.bfloat16)), TypeError, rf"{state_names[0]}\[0\] has dtype torch.bfloat16; expected {state_dtype}")
-    yield broken(set_item(3, 1, lambda s: s.reshape(6)), ValueError, rf"{state_names[1]}\[1\] has shape \[6\] but params\[1\]")
-    yield broken(set_item(4, 1, lambda t: t.long()), TypeError, r"steps\[1\] has dtype torch.int64")
-    yield broken(set_item(4, 0, lambda t: t.repeat(2)), ValueError, r"steps\[0\] has 2 elements; expected 1")
+    yield broken(lambda a, k: k.update(max_unorm=-1.0), ValueError, r"max_unorm must be >= 0, got -1")
+    yield broken(set_arg("lr", lambda t: t.double()), TypeError, r"lr has dtype torch.float64")
+    yield broken(set_arg("lr", lambda t: torch.ones(2, device=device)), ValueError, r"lr has 2 elements")
+    yield broken(set_arg("gnorm_scales", lambda t: t[:1]), ValueError, r"gnorm_scales has 1 elements; expected 2",
+                 options=("gnorm_scales",))
+    yield broken(set_arg("gnorm_scales", lambda t: t.half()), TypeError, r"gnorm_scales has dtype torch.float16",
+                 options=("gnorm_scales",))
+    yield broken(set_item("params", 1, lambda p: p.to(torch.complex64)), TypeError, r"params\[1\] has dtype torch.complex64")
+    yield broken(set_item("params", 0, lambda p: p.double()), TypeError, r"params\[0\] has dtype torch.float64; expected")
+    yield broken(set_item("grads", 0, lambda g: g.half()), TypeError, r"grads\[0\] has dtype torch.float16 but params\[0\]")
+    yield broken(set_item("grads", 1, lambda g: g.reshape(3, 2)), ValueError, r"grads\[1\] has shape \[3, 2\] but params\[1\] has shape \[2, 3\]")
+    yield broken(set_item("grads", 1, lambda g: g.t().contiguous().t()), ValueError, r"grads\[1\] has strides \[1, 2\] but params\[1\] has strides \[3, 1\]")
+    yield broken(set_item(s1, 0, lambda s: s.to(torch.bfloat16)), TypeError, rf"{s1}\[0\] has dtype torch.bfloat16; expected {state_dtype}")
+    yield broken(set_item(s2, 1, lambda s: s.reshape(6)), ValueError, rf"{s2}\[1\] has shape \[6\] but params\[1\]")
+    yield broken(set_item(s3, 1, lambda s: s.reshape(6)), ValueError, rf"{s3}\[1\] has shape \[6\] but params\[1\]")
+    yield broken(set_item("steps", 1, lambda t: t.long()), TypeError, r"steps\[1\] has dtype torch.int64")
+    yield broken(set_item("steps", 0, lambda t: t.repeat(2)), ValueError, r"steps\[0\] has 2 elements; expected 1")
 
     def strided(a, k):  # a parameter that skips every other element, and matching grad and states
-        for index in range(4):
-            a[index][0] = (torch.rand(600, device=device) * 200).to(a[index][0].dtype)[::2]
+        for name in ("params", "grads", s1, s2):
+            a[at[name]][0] = (torch.rand(600, device=device) * 200).to(a[at[name]][0].dtype)[::2]
 
-    yield broken(strided, ValueError, r"params\[0\] with shape \[300\] and strides \[2\] is not dense")
+    yield broken(strided, ValueError, r"params\[0\] with shape \[300\] and strides \[2\] is not dense", options=())
     if torch.device(device).type != "cpu":
-        yield broken(lambda a, k: a.__setitem__(lr_index, a[lr_index].cpu()), ValueError, r"lr is on cpu but the parameters are on")
-        yield broken(set_item(1, 0, lambda g: g.cpu()), ValueError, r"grads\[0\] is on cpu but the parameters are on")
+        yield broken(set_arg("lr", lambda t: t.cpu()), ValueError, r"lr is on cpu but the parameters are on")
+        yield broken(set_item("grads", 0, lambda g: g.cpu()), ValueError, r"grads\[0\] is on cpu but the parameters are on")
 
 
 def adam_errors(device):
-    yield from _adam_errors(_adam_sample, ("exp_avgs", "exp_avg_sqs"), "torch.float32", device)
+    names = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+    yield from _adam_errors(_adam_sample, ADAM_ARGS, names, "torch.float32", device)
 
 
 def adam8bit_errors(device):
-    yield from _adam_errors(_adam8bit_sample, ("state1", "state2"), "torch.uint8", device)
+    yield from _adam_errors(_adam8bit_sample, ADAM8_ARGS, ("state1", "state2", "state3"), "torch.uint8", device)
+    at = {name: i for i, name in enumerate(ADAM8_ARGS)}
 
-    def broken(change, error, regex):
-        s = _adam8bit_sample(((300,), (2, 3)), (torch.float32, torch.float32), device)
-        args = list(s.args)
-        change(args)
-        return ErrorInput(SampleInput(tuple(args), s.kwargs), error, regex)
+    def broken(change, error, regex, options=("amsgrad",)):
+        s = _adam8bit_sample(((300,), (2, 3)), (torch.float32, torch.float32), device, options=options)
+        args, kwargs = list(s.args), dict(s.kwargs)
+        change(args, kwargs)
+        return ErrorInput(SampleInput(tuple(args), kwargs), error, regex)
 
-    yield broken(lambda a: a[5].pop(), ValueError, r"absmax1 has 1 tensors but params has 2")
-    yield broken(lambda a: a[6].__setitem__(0, a[6][0][:1]), ValueError, r"absmax2\[0\] has 1 elements; expected 2")
-    yield broken(lambda a: a[5].__setitem__(1, a[5][1].half()), TypeError, r"absmax1\[1\] has dtype torch.float16")
-    yield broken(lambda a: a.__setitem__(7, a[7][:128]), ValueError, r"qmap1 has 128 elements; expected 256")
-    yield broken(lambda a: a.__setitem__(8, a[8].double()), TypeError, r"qmap2 has dtype torch.float64")
+    yield broken(lambda a, k: a[at["absmax1"]].pop(), ValueError, r"absmax1 has 1 tensors but params has 2")
+    yield broken(lambda a, k: a[at["absmax3"]].pop(), ValueError, r"absmax3 has 1 tensors but state3 has 2")
+    yield broken(lambda a, k: a[at["absmax2"]].__setitem__(0, a[at["absmax2"]][0][:1]), ValueError,
+                 r"absmax2\[0\] has 1 elements; expected 2")
+    yield broken(lambda a, k: k.update(block_wise=False), ValueError, r"absmax1\[0\] has 2 elements; expected 1")
+    yield broken(lambda a, k: k.update(block_wise=True), ValueError, r"absmax1\[0\] has 1 elements; expected 2",
+                 options=("per_tensor",))
+    yield broken(lambda a, k: a[at["absmax1"]].__setitem__(1, a[at["absmax1"]][1].half()), TypeError,
+                 r"absmax1\[1\] has dtype torch.float16")
+    yield broken(lambda a, k: a.__setitem__(at["qmap1"], a[at["qmap1"]][:128]), ValueError, r"qmap1 has 128 elements; expected 256")
+    yield broken(lambda a, k: a.__setitem__(at["qmap2"], a[at["qmap2"]].double()), TypeError, r"qmap2 has dtype torch.float64")
 
 
 # ---------------------------------------------------------------- comparisons
@@ -220,35 +337,42 @@ def _compare_params(params_k, params_r, what):
 
 
 def adam_compare(sample, kernel, reference):
-    (pk, _, mk, vk, *_), (pr, _, mr, vr, *_) = kernel[0], reference[0]
+    (pk, _, mk, vk, vmk, *_), (pr, _, mr, vr, vmr, *_) = kernel[0], reference[0]
     _compare_params(pk, pr, "params")
-    for name, xs_k, xs_r in (("exp_avgs", mk, mr), ("exp_avg_sqs", vk, vr)):
+    for name, xs_k, xs_r in (("exp_avgs", mk, mr), ("exp_avg_sqs", vk, vr), ("max_exp_avg_sqs", vmk, vmr)):
         for i, (xk, xr) in enumerate(zip(xs_k, xs_r)):
             assert_close_scaled(xk, xr, rtol=1e-6, scale_tol=1e-6, what=f"{name}[{i}]")
 
 
 def adam8bit_compare(sample, kernel, reference):
     """Codes may differ by one where a moment lies within float rounding of a decision bound."""
-    (pk, _, s1k, s2k, _, a1k, a2k, *_), (pr, _, s1r, s2r, _, a1r, a2r, *_) = kernel[0], reference[0]
-    _compare_params(pk, pr, "params")
-    for name, qs_k, qs_r, am_k, am_r in (("state1", s1k, s1r, a1k, a1r), ("state2", s2k, s2r, a2k, a2r)):
-        for i, (qk, qr) in enumerate(zip(qs_k, qs_r)):
-            assert_close_scaled(am_k[i], am_r[i], rtol=1e-5, scale_tol=0.0, what=f"absmax of {name}[{i}]")
+    at = {name: i for i, name in enumerate(ADAM8_ARGS)}
+    args_k, args_r = kernel[0], reference[0]
+    _compare_params(args_k[0], args_r[0], "params")
+    for k in "123":
+        for i, (qk, qr) in enumerate(zip(args_k[at["state" + k]], args_r[at["state" + k]])):
+            name = f"state{k}[{i}]"
+            am_k, am_r = args_k[at["absmax" + k]][i], args_r[at["absmax" + k]][i]
+            assert_close_scaled(am_k, am_r, rtol=1e-5, scale_tol=0.0, what=f"absmax of {name}")
             diff = (qk.int() - qr.int()).abs()
             flips = int((diff > 0).sum())
             worst = int(diff.max()) if diff.numel() else 0
             assert worst <= 1 and flips <= 2 + 1e-3 * qk.numel(), (
-                f"{name}[{i}]: {flips} of {qk.numel()} codes differ from the reference (max by {worst})"
+                f"{name}: {flips} of {qk.numel()} codes differ from the reference (max by {worst})"
             )
 
 
 ADAM_STEP = OpInfo(
     name="adam_step",
     schema=(
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, "
-        "Tensor lr, float beta1, float beta2, float eps, float weight_decay) -> ()"
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor lr, Tensor? gnorm_scales, "
+        "float beta1, float beta2, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
     ),
-    doc="One AdamW step with fp32 moments over a list of parameters; advances each step count by one.",
+    doc=(
+        "One AdamW step with fp32 moments over a list of parameters (amsgrad when max_exp_avg_sqs is given, "
+        "gradients scaled by gnorm_scales, max_unorm, skip_zeros); advances each step count by one."
+    ),
     fake=adam_fake,
     reference=adam_reference,
     sample_inputs=adam_samples,
@@ -257,14 +381,18 @@ ADAM_STEP = OpInfo(
     compare=adam_compare,
 )
 
-ADAM8BIT_BLOCKWISE_STEP = OpInfo(
-    name="adam8bit_blockwise_step",
+ADAM8BIT_STEP = OpInfo(
+    name="adam8bit_step",
     schema=(
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] steps, "
-        "Tensor(e!)[] absmax1, Tensor(f!)[] absmax2, Tensor qmap1, Tensor qmap2, "
-        "Tensor lr, float beta1, float beta2, float eps, float weight_decay) -> ()"
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] state3, "
+        "Tensor(e!)[] steps, Tensor(f!)[] absmax1, Tensor(g!)[] absmax2, Tensor(h!)[] absmax3, "
+        "Tensor qmap1, Tensor qmap2, Tensor lr, Tensor? gnorm_scales, float beta1, float beta2, float eps, "
+        "float weight_decay, float max_unorm, bool skip_zeros, bool block_wise) -> ()"
     ),
-    doc="The same with uint8 moments (codes of qmap1 / qmap2, one absmax per 256 values), requantized after the update.",
+    doc=(
+        "The same with uint8 moments (codes of qmap1 / qmap2 with one absmax per 256 values, or per tensor "
+        "when not block_wise), requantized after the update."
+    ),
     fake=adam8bit_fake,
     reference=adam8bit_reference,
     sample_inputs=adam8bit_samples,

@@ -100,11 +100,18 @@ def check_code(op: str, name: str, code: torch.Tensor, device: torch.device) -> 
     check_numel(op, name, code, 256)
 
 
+def check_optional_length(op: str, name: str, got: int, want: int) -> None:
+    torch._check_value(
+        got in (0, want),
+        lambda: f"{op}: {name} has {got} tensors but params has {want}; pass one per parameter with amsgrad, none without",
+    )
+
+
 def check_adam_common(
     op: str,
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    states: Sequence[tuple[str, Sequence[torch.Tensor], torch.dtype]],
+    states: Sequence[tuple[str, Sequence[torch.Tensor], torch.dtype, bool]],
     steps: Sequence[torch.Tensor],
     lr: torch.Tensor,
     beta1: float,
@@ -112,11 +119,15 @@ def check_adam_common(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The checks every Adam op runs; `states` are (name, tensors, dtype) per-parameter lists."""
+    """The checks every Adam op runs; `states` are (name, tensors, dtype, optional) per-parameter
+    lists (an optional one may be empty: amsgrad off)."""
     n = len(params)
     check_length(op, "grads", len(grads), "params", n)
-    for name, tensors, _ in states:
-        check_length(op, name, len(tensors), "params", n)
+    for name, tensors, _, optional in states:
+        if optional:
+            check_optional_length(op, name, len(tensors), n)
+        else:
+            check_length(op, name, len(tensors), "params", n)
     check_length(op, "steps", len(steps), "params", n)
     check_range(op, "beta1", beta1, 0.0, 1.0)
     check_range(op, "beta2", beta2, 0.0, 1.0)
@@ -135,7 +146,9 @@ def check_adam_common(
         check_dense(op, p, params[i])
         check_device(op, f"grads[{i}]", grads[i], device)
         check_like(op, f"grads[{i}]", grads[i], p, params[i], same_dtype=True)
-        for name, tensors, dtype in states:
+        for name, tensors, dtype, _ in states:
+            if not tensors:
+                continue
             what = f"{name}[{i}]"
             check_device(op, what, tensors[i], device)
             check_dtype(op, what, tensors[i], (dtype,))
@@ -145,15 +158,22 @@ def check_adam_common(
         check_numel(op, f"steps[{i}]", steps[i], 1)
 
 
-def check_absmax_lists(
-    op: str, params: Sequence[torch.Tensor], absmax1: Sequence[torch.Tensor], absmax2: Sequence[torch.Tensor], block: int
+def check_absmax_list(
+    op: str, name: str, params: Sequence[torch.Tensor], absmax: Sequence[torch.Tensor], block_wise: bool, block: int
 ) -> None:
-    check_length(op, "absmax1", len(absmax1), "params", len(params))
-    check_length(op, "absmax2", len(absmax2), "params", len(params))
-    for i, p in enumerate(params):
-        for name, tensors in (("absmax1", absmax1), ("absmax2", absmax2)):
-            what = f"{name}[{i}]"
-            check_device(op, what, tensors[i], p.device)
-            check_dtype(op, what, tensors[i], (torch.float32,))
-            check_numel(op, what, tensors[i], -(-p.numel() // block))
-            check_dense(op, what, tensors[i])
+    """The scales of an 8-bit state list: one float32 per block of each parameter, or one per tensor."""
+    for i, t in enumerate(absmax):
+        what = f"{name}[{i}]"
+        check_device(op, what, t, params[i].device)
+        check_dtype(op, what, t, (torch.float32,))
+        check_numel(op, what, t, -(-params[i].numel() // block) if block_wise else 1)
+        check_dense(op, what, t)
+
+
+def check_gnorm_scales(op: str, scales: torch.Tensor | None, n: int, device: torch.device) -> None:
+    if scales is None:
+        return
+    check_device(op, "gnorm_scales", scales, device)
+    check_dtype(op, "gnorm_scales", scales, (torch.float32,))
+    check_numel(op, "gnorm_scales", scales, n)
+    check_dense(op, "gnorm_scales", scales)

@@ -99,7 +99,8 @@ def test_half_precision_parameters(cls, dtype):
     opt = cls(params, lr=1e-2, weight_decay=0.01)
     for _ in range(10):
         set_grads(params)
-        adam_reference(shadow, [p.grad for p in params], m, v, steps, torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.01)
+        adam_reference(shadow, [p.grad for p in params], m, v, [], steps, torch.tensor(1e-2), None, 0.9, 0.999, 1e-8,
+                       0.01, 0.0, False)
         opt.step()
     rtol = 2 * EPS[dtype] if cls is Adam32bit else 0.05
     for p, s in zip(params, shadow):
@@ -279,11 +280,13 @@ CONSTRUCTION_ERRORS = [
     (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
     (dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
     (dict(min_8bit_size=-1), ValueError, "min_8bit_size must be an int >= 0"),
-    (dict(amsgrad=True), NotImplementedError, "amsgrad=True is not implemented yet"),
-    (dict(percentile_clipping=95), NotImplementedError, "percentile_clipping=95 is not implemented yet"),
-    (dict(block_wise=False), NotImplementedError, "block_wise=False is not implemented yet"),
+    (dict(amsgrad=1), ValueError, "amsgrad must be a bool, got 1"),
+    (dict(percentile_clipping=0), ValueError, "percentile_clipping must be an int in 1..100, got 0"),
+    (dict(percentile_clipping=95.0), ValueError, "percentile_clipping must be an int in 1..100, got 95.0"),
+    (dict(block_wise="no"), ValueError, "block_wise must be a bool, got 'no'"),
     (dict(is_paged=True), NotImplementedError, "is_paged=True is not implemented yet"),
-    (dict(args=SimpleNamespace(max_unorm=1.0)), NotImplementedError, "max_unorm=1.0 is not implemented yet"),
+    (dict(args=SimpleNamespace(max_unorm=-1.0)), ValueError, "max_unorm must be a finite float >= 0, got -1.0"),
+    (dict(args=SimpleNamespace(skip_zeros=1)), ValueError, "skip_zeros must be a bool, got 1"),
 ]
 
 

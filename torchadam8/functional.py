@@ -1,6 +1,6 @@
 """Functional Adam over lists of tensors: what the optimizer classes call for each batch of
-parameters. Each call runs one adam8 op (one kernel launch per
-device on CUDA), so a compiled step traces to a handful of ops whatever the parameter count."""
+parameters. Each call runs one adam8 op (one kernel launch per pack of tensors on CUDA), so a
+compiled step traces to a handful of ops whatever the parameter count."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.full((), lr, dtype=torch.float32, device=device)
 
 
+def percentile_clipping(grads: Tensors, gnorm_vecs: Tensors, steps: Tensors, percentile: int) -> torch.Tensor:
+    """Records each gradient's squared norm in its 100-step history (``gnorm_vecs``; ``steps`` are
+    the counts before this step) and returns the factors, one per gradient, that clip each to the
+    ``percentile``-th smallest norm of its history (bitsandbytes 0.49's percentile clipping)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    scales = torch.empty(len(grads), dtype=torch.float32, device=device)
+    if grads:
+        torch.ops.adam8.percentile_clipping(grads, gnorm_vecs, steps, percentile, scales)
+    return scales
+
+
 def adam(
     params: Tensors,
     grads: Tensors,
@@ -31,13 +42,21 @@ def adam(
     beta2: float,
     eps: float,
     weight_decay: float,
+    max_exp_avg_sqs: Tensors = (),
+    gnorm_scales: torch.Tensor | None = None,
+    max_unorm: float = 0.0,
+    skip_zeros: bool = False,
 ) -> None:
     """One AdamW step with fp32 moments; the op advances ``steps`` (float32 scalars) by one and
-    uses the new counts for the bias corrections."""
+    uses the new counts for the bias corrections. ``max_exp_avg_sqs`` (one per parameter) turns on
+    amsgrad; ``gnorm_scales`` (one factor per parameter, from :func:`percentile_clipping`) scales
+    the gradients; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options."""
     if not params:
         return
     torch.ops.adam8.adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, steps, lr_tensor(lr, params[0].device), beta1, beta2, eps, weight_decay
+        params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs), steps, lr_tensor(lr, params[0].device),
+        gnorm_scales, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_unorm=max_unorm,
+        skip_zeros=skip_zeros,
     )
 
 
@@ -57,25 +76,21 @@ def adam8bit(
     beta2: float,
     eps: float,
     weight_decay: float,
+    state3: Tensors = (),
+    absmax3: Tensors = (),
+    gnorm_scales: torch.Tensor | None = None,
+    max_unorm: float = 0.0,
+    skip_zeros: bool = False,
+    block_wise: bool = True,
 ) -> None:
-    """One AdamW step with blockwise 8-bit moments (uint8 codes of qmap1 / qmap2, one absmax per
-    256 values); advances ``steps`` like :func:`adam`. The update uses the new moments before they are
-    requantized."""
+    """One AdamW step with 8-bit moments (uint8 codes of qmap1 / qmap2 with one absmax per 256
+    values, or one per tensor when not ``block_wise``); advances ``steps`` like :func:`adam`. The
+    update uses the new moments before they are requantized. ``state3`` / ``absmax3`` hold
+    amsgrad's running maximum of the second moment (unsigned code)."""
     if not params:
         return
-    torch.ops.adam8.adam8bit_blockwise_step(
-        params,
-        grads,
-        state1,
-        state2,
-        steps,
-        absmax1,
-        absmax2,
-        qmap1,
-        qmap2,
-        lr_tensor(lr, params[0].device),
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
+    torch.ops.adam8.adam8bit_step(
+        params, grads, state1, state2, list(state3), steps, absmax1, absmax2, list(absmax3), qmap1, qmap2,
+        lr_tensor(lr, params[0].device), gnorm_scales, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise,
     )

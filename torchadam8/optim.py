@@ -9,6 +9,7 @@ import torch
 
 from . import functional as F
 from .checkpoint import validated_state
+from .overrides import GlobalOptimManager, _validated
 from ops_registry.checks import is_dense
 
 from .qmap import dynamic_maps
@@ -18,6 +19,8 @@ BLOCK = 256  # values per absmax of the 8-bit states (csrc/adam8_math.h: kStateB
 
 # Options of the `args` object of bitsandbytes, with the constructor argument each replaces.
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
+# Per-group hyperparameters a per-parameter override may pin.
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -38,24 +41,22 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
 
 
 class _Batch:
-    """The argument lists of one op call: params, grads, state1, state2, steps (, absmax1, absmax2)."""
+    """The argument lists of one op call, for parameters that share their state kind and options."""
 
-    __slots__ = ("lists", "eight_bit")
+    __slots__ = ("params", "grads", "state1", "state2", "state3", "steps", "absmax1", "absmax2", "absmax3",
+                 "gnorm_vecs")
 
-    def __init__(self, eight_bit: bool):
-        self.eight_bit = eight_bit
-        self.lists = tuple([] for _ in range(7 if eight_bit else 5))
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, [])
 
     def add(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
-        lists = self.lists
-        lists[0].append(p)
-        lists[1].append(g)
-        lists[2].append(state["state1"])
-        lists[3].append(state["state2"])
-        lists[4].append(state["step"])
-        if self.eight_bit:
-            lists[5].append(state["absmax1"])
-            lists[6].append(state["absmax2"])
+        self.params.append(p)
+        self.grads.append(g)
+        self.steps.append(state["step"])
+        for key in ("state1", "state2", "state3", "absmax1", "absmax2", "absmax3", "gnorm_vec"):
+            if key in state:
+                getattr(self, "gnorm_vecs" if key == "gnorm_vec" else key).append(state[key])
 
 
 class Adam(torch.optim.Optimizer):
@@ -71,15 +72,31 @@ class Adam(torch.optim.Optimizer):
       the unsigned one for the second, one fp32 absmax per 256 values; the update uses the new
       unquantized moments, only the stored ones are quantized).
     - ``min_8bit_size``: parameters with fewer elements keep fp32 moments.
+    - ``amsgrad``: keep the running maximum of the second moment (a third state, 8-bit like the
+      others for 8-bit parameters) and use it in the denominator, as torch.optim.AdamW(amsgrad=True).
+      bitsandbytes ignores or refuses it.
+    - ``percentile_clipping`` (< 100): per parameter, the last 100 squared gradient norms are kept
+      on the device (``state["gnorm_vec"]``); a gradient whose norm exceeds the square root of the
+      ``percentile``-th smallest of them is scaled down to it (bitsandbytes 0.49). No host sync.
+    - ``block_wise``: 8-bit states with one scale per 256 values (True) or one per tensor (False: the
+      new max |m| and max v are found first, then the states are quantized against them).
     - ``args``: an object whose attributes optim_bits, min_8bit_size, percentile_clipping,
       block_wise, max_unorm, skip_zeros replace the constructor's values, as in bitsandbytes.
-    - ``amsgrad=True``, ``percentile_clipping < 100``, ``block_wise=False``, ``is_paged=True``,
-      ``max_unorm > 0`` and ``skip_zeros=True`` are not implemented yet and raise
-      NotImplementedError (never silently ignored).
+      ``max_unorm`` (> 0) caps the norm of the update m_hat / (sqrt(v_hat) + eps) at max_unorm
+      times the parameter's norm (bitsandbytes; we apply it to 8-bit states too). ``skip_zeros``
+      leaves elements whose gradient is exactly 0 untouched (parameter and moments).
+    - Per-parameter overrides: :class:`torchadam8.GlobalOptimManager` (bitsandbytes' calls), e.g. to
+      keep an embedding's state 32-bit; the override wins over the class's optim_bits.
+    - ``is_paged=True`` is not implemented yet and raises NotImplementedError (never ignored).
+
+    Non-finite gradient elements (NaN, inf) leave their parameter element unchanged and reset its
+    moments to 0, in every variant and on every device (bitsandbytes' 8-bit rule; torch propagates
+    NaN instead). They do not count in percentile clipping's norms.
 
     Parameters may be float32, float16 or bfloat16 (gradients in the parameter's dtype); the math
     is float32. Per parameter the state holds ``step`` (a float32 scalar tensor), ``state1`` and
-    ``state2`` (the moments) and, for 8-bit state, ``absmax1`` and ``absmax2``.
+    ``state2`` (the moments), ``state3`` with amsgrad, for 8-bit state ``absmax1``, ``absmax2``
+    (``absmax3``), and ``gnorm_vec`` with percentile clipping.
     """
 
     _fixed_bits: int | None = None  # Adam8bit / Adam32bit pin optim_bits
@@ -108,33 +125,27 @@ class Adam(torch.optim.Optimizer):
             max_unorm=0.0,
             skip_zeros=False,
         )
-        self.args = SimpleNamespace(**{k: getattr(args, k, given[k]) for k in ARGS_KEYS})
         name = type(self).__name__
+        values = {k: getattr(args, k, given[k]) for k in ARGS_KEYS}
         if self._fixed_bits is not None:
             if optim_bits not in (8, 32):
                 raise ValueError(f"{name}: optim_bits must be 8 or 32 (it is ignored: {name} always keeps "
                                  f"{self._fixed_bits}-bit state), got {optim_bits!r}")
-            self.args.optim_bits = self._fixed_bits
-        if self.args.optim_bits not in (8, 32):
-            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {self.args.optim_bits!r}")
-        if not isinstance(self.args.min_8bit_size, int) or self.args.min_8bit_size < 0:
-            raise ValueError(f"{name}: min_8bit_size must be an int >= 0, got {self.args.min_8bit_size!r}")
-        unsupported = {
-            "amsgrad=True": amsgrad,
-            f"percentile_clipping={self.args.percentile_clipping}": self.args.percentile_clipping < 100,
-            "block_wise=False": not self.args.block_wise,
-            "is_paged=True": is_paged,
-            f"max_unorm={self.args.max_unorm}": self.args.max_unorm > 0,
-            "skip_zeros=True": self.args.skip_zeros,
-        }
-        for option, requested in unsupported.items():
-            if requested:
-                raise NotImplementedError(
-                    f"{name}: {option} is not implemented yet in torchadam8; leave it at its default "
-                    "(it would change the update, so it is refused rather than ignored)"
-                )
+            values["optim_bits"] = self._fixed_bits
+        self.args = SimpleNamespace(**_validated(values, name))
+        if not isinstance(amsgrad, bool):
+            raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
+        if is_paged:
+            raise NotImplementedError(
+                f"{name}: is_paged=True is not implemented yet in torchadam8; leave it at its default "
+                "(paging changes where the states live, so it is refused rather than ignored)"
+            )
+        self._manager = GlobalOptimManager.get_instance()
+        self._overrides: list[list[dict]] = []
+        self._overrides_version = -1
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, defaults)
 
     # ------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -155,43 +166,61 @@ class Adam(torch.optim.Optimizer):
         merged = {**self.defaults, **group}
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         super().add_param_group({**param_group, "params": params})
-        if self.args.optim_bits == 8:  # made here, not in a (compiled) step, which cannot trace them
-            for p in params:
-                self._qmap(p.device)
+        for p in params:  # made here, not in a (compiled) step, which cannot trace them
+            self._qmap(p.device)
+        self._read_overrides()
 
-    def _uses_8bit(self, p: torch.Tensor) -> bool:
-        return self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size
+    # ------------------------------------------------------------ per-parameter options
+    def _read_overrides(self) -> None:
+        """Caches each parameter's GlobalOptimManager overrides, by group and position."""
+        self._overrides = [[self._manager.config_for(p) for p in g["params"]] for g in self.param_groups]
+        self._overrides_version = self._manager.version
+
+    def _config(self, p: torch.Tensor, gindex: int | None = None, pindex: int | None = None) -> dict[str, Any]:
+        """The options of parameter p: the constructor's (or args'), its group's, then its overrides."""
+        if gindex is None:
+            gindex, pindex = next((gi, pi) for gi, g in enumerate(self.param_groups)
+                                  for pi, q in enumerate(g["params"]) if q is p)
+        if self._overrides_version != self._manager.version:
+            self._read_overrides()
+        group = self.param_groups[gindex]
+        config = {k: getattr(self.args, k) for k in ARGS_KEYS}
+        config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
+        config.update(self._overrides[gindex][pindex])
+        return config
+
+    def _uses_8bit(self, p: torch.Tensor, config: dict[str, Any] | None = None) -> bool:
+        config = config or self._config(p)
+        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
 
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._qmaps:
             self._qmaps[device] = dynamic_maps(device)
         return self._qmaps[device]
 
-    def _state_spec(self, p: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    def _state_spec(self, p: torch.Tensor, config: dict[str, Any] | None = None
+                    ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Every tensor the state of `p` holds: key -> (dtype, shape). Moments have p's layout."""
+        config = config or self._config(p)
         spec = {"step": (torch.float32, ())}
         shape = tuple(p.shape)
-        if self._uses_8bit(p):
-            scales = (p.numel() + BLOCK - 1) // BLOCK if self.args.block_wise else 1
-            keys = (1, 2, 3) if self._amsgrad(p) else (1, 2)
+        keys = (1, 2, 3) if config["amsgrad"] else (1, 2)
+        if self._uses_8bit(p, config):
+            scales = (p.numel() + BLOCK - 1) // BLOCK if config["block_wise"] else 1
             for k in keys:
                 spec[f"state{k}"] = (torch.uint8, shape)
                 spec[f"absmax{k}"] = (torch.float32, (scales,))
         else:
-            keys = (1, 2, 3) if self._amsgrad(p) else (1, 2)
             for k in keys:
                 spec[f"state{k}"] = (torch.float32, shape)
-        if self.args.percentile_clipping < 100:
+        if config["percentile_clipping"] < 100:
             spec["gnorm_vec"] = (torch.float32, (100,))
         return spec
 
-    def _amsgrad(self, p: torch.Tensor) -> bool:
-        return False
-
-    def _init_state(self, p: torch.Tensor) -> None:
+    def _init_state(self, p: torch.Tensor, config: dict[str, Any]) -> None:
         state = self.state[p]
-        for key, (dtype, shape) in self._state_spec(p).items():
-            if shape == tuple(p.shape):
+        for key, (dtype, shape) in self._state_spec(p, config).items():
+            if shape == tuple(p.shape) and key.startswith("state"):
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -228,28 +257,40 @@ class Adam(torch.optim.Optimizer):
             params, grads = [], []
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    params.append(p)
+                    params.append((pi, p))
                     grads.append(self._checked_grad(p, gi, pi))
-            work.append((group, params, grads))
-        for group, params, grads in work:
-            # One op call per (device, 8-bit or not): a handful per group, whatever its size.
-            batches: dict[tuple[torch.device, bool], _Batch] = {}
-            for p, g in zip(params, grads):
+            work.append((gi, params, grads))
+        for gi, params, grads in work:
+            # One op call per state kind and options: a handful per group, whatever its size.
+            batches: dict[tuple, tuple[dict, _Batch]] = {}
+            for (pi, p), g in zip(params, grads):
+                config = self._config(p, gi, pi)
                 state = self.state[p]
                 if not state:
-                    self._init_state(p)
+                    self._init_state(p, config)
+                clip = config["percentile_clipping"]
+                if clip < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
+                    state["gnorm_vec"] = g.float().square().sum().expand(100).clone()
                 eight_bit = state["state1"].dtype == torch.uint8
-                batch = batches.get((p.device, eight_bit))
-                if batch is None:
-                    batch = batches[(p.device, eight_bit)] = _Batch(eight_bit)
-                batch.add(p, g, state)
-            for (device, eight_bit), batch in batches.items():
-                hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                             weight_decay=group["weight_decay"])
+                # The state's layout decides (a later override cannot reshape it).
+                block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
+                key = (p.device, eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
+                       config["skip_zeros"], *(config[k] for k in HYPER_KEYS[1:4]),
+                       id(config["lr"]) if isinstance(config["lr"], torch.Tensor) else config["lr"])
+                if key not in batches:
+                    batches[key] = (config, _Batch())
+                batches[key][1].add(p, g, state)
+            for (device, eight_bit, _, block_wise, clip, *_), (config, b) in batches.items():
+                scales = F.percentile_clipping(b.grads, b.gnorm_vecs, b.steps, clip) if clip < 100 else None
+                options = dict(lr=config["lr"], beta1=config["betas"][0], beta2=config["betas"][1], eps=config["eps"],
+                               weight_decay=config["weight_decay"], gnorm_scales=scales,
+                               max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"])
                 if eight_bit:
-                    F.adam8bit(*batch.lists, *self._qmap(device), **hyper)
+                    F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2,
+                               *self._qmap(device), state3=b.state3, absmax3=b.absmax3, block_wise=block_wise,
+                               **options)
                 else:
-                    F.adam(*batch.lists, **hyper)
+                    F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
         return loss
 
     # ------------------------------------------------------------ checkpoints
@@ -264,6 +305,7 @@ class Adam(torch.optim.Optimizer):
         self.state.clear()
         self.state.update(state)
         self.param_groups = groups
+        self._read_overrides()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

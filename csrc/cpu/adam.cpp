@@ -1,8 +1,11 @@
-// CPU kernels of adam8::adam_step and adam8::adam8bit_blockwise_step: the math of adam8_math.h run
-// over a list of tensors, split into tasks that at::parallel_for spreads over the threads.
+// CPU kernels of adam8::adam_step and adam8::adam8bit_step: the math of adam8_math.h run over a
+// list of tensors, split into tasks that at::parallel_for spreads over the threads. When the update
+// needs per-tensor sums or maxima first (max_unorm; 8-bit states with one scale per tensor), a
+// pre-pass computes the same moments without writing anything.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -15,133 +18,334 @@ namespace adam8 {
 namespace cpu {
 namespace {
 
-// ---------------------------------------------------------------- 32-bit states
-template <class F, class T>
-inline void adam32_lanes(T* p, const T* g, float* m, float* v, const AdamScalars& s) {
-  F pv = Lane<F>::load(p), mv = Lane<F>::load(m), vv = Lane<F>::load(v);
-  adam_update(pv, Lane<F>::load(g), mv, vv, s);
-  store_lane(p, pv);
-  store_lane(m, mv);
-  store_lane(v, vv);
+constexpr int W = Lane<Wide>::kWidth;
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <class F>
+void dispatch_bool(bool flag, F&& f) {
+  if (flag) f(std::true_type{}); else f(std::false_type{});
 }
 
-template <class T>
-void adam32_range(T* p, const T* g, float* m, float* v, int64_t n, const AdamScalars& s_ref) {
-  const AdamScalars s = s_ref;  // a local copy: stores through float pointers may alias the caller's
-  constexpr int W = Lane<Wide>::kWidth;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) adam32_lanes<Wide>(p + i, g + i, m + i, v + i, s);
-  for (; i < n; ++i) adam32_lanes<float>(p + i, g + i, m + i, v + i, s);
-}
+// Running sums and maxima of a pre-pass over lanes of type F.
+template <class F>
+struct LaneStats {
+  F dir_sq{0.0f}, p_sq{0.0f}, max1{0.0f}, max2{0.0f}, max3{0.0f};
 
-// ---------------------------------------------------------------- 8-bit blockwise states
-struct Codes {
-  QuantLut m, v;  // signed code of the first moment, unsigned code of the second
+  template <bool kAmsgrad, class M>
+  void add(F p, F m, F v, F vm, M update, const AdamScalars& s) {
+    const F d = adam_direction(m, kAmsgrad ? vm : v, s);
+    dir_sq = dir_sq + vselect(update, d * d, F(0.0f));
+    p_sq = p_sq + p * p;
+    max1 = vmax(max1, vabs(m));
+    max2 = vmax(max2, v);
+    max3 = vmax(max3, vm);
+  }
+  // Adds these lanes to `out` (sums in double, so a long tensor loses nothing).
+  void flush(StepStats& out) const {
+    out.dir_sq += reduce_sum(dir_sq);
+    out.p_sq += reduce_sum(p_sq);
+    out.max1 = vmax(out.max1, reduce_max(max1));
+    out.max2 = vmax(out.max2, reduce_max(max2));
+    out.max3 = vmax(out.max3, reduce_max(max3));
+  }
 };
 
-// The update of one lane group: m / v hold code values, scaled here by the block's absmax
-// (dequantize_one) and replaced by the new moments; the running maxima of |m| and v give the
-// block's new absmax.
-template <class F, class T>
-inline void adam8_lanes(T* p, const T* g, float* m, float* v, F a1, F a2, F& max1, F& max2,
-                        const AdamScalars& s) {
-  F pv = Lane<F>::load(p), mv = Lane<F>::load(m) * a1, vv = Lane<F>::load(v) * a2;
-  adam_update(pv, Lane<F>::load(g), mv, vv, s);
-  store_lane(p, pv);
-  store_lane(m, mv);
-  store_lane(v, vv);
-  max1 = vmax(max1, vabs(mv));
-  max2 = vmax(max2, vv);
+void merge(StepStats& into, const StepStats& s) {
+  into.dir_sq += s.dir_sq;
+  into.p_sq += s.p_sq;
+  into.max1 = vmax(into.max1, s.max1);
+  into.max2 = vmax(into.max2, s.max2);
+  into.max3 = vmax(into.max3, s.max3);
 }
 
-// One block of at most kStateBlock values, in three passes over L1-resident buffers (dequantize,
-// update, requantize) so each loop has short dependency chains that the core can overlap.
-template <class T>
-void adam8_block(T* p, const T* g, uint8_t* q1, uint8_t* q2, float* absmax1, float* absmax2, int64_t n,
-                 const Codes& c, const AdamScalars& s_ref) {
-  const AdamScalars s = s_ref;  // a local copy: stores through float pointers may alias the caller's
-  alignas(64) float m[kStateBlock];
-  alignas(64) float v[kStateBlock];
-  lookup_codes(q1, n, c.m.code, m);
-  lookup_codes(q2, n, c.v.code, v);
-  const float a1 = *absmax1, a2 = *absmax2;
-  constexpr int W = Lane<Wide>::kWidth;
-  Wide wmax1(0.0f), wmax2(0.0f);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) adam8_lanes<Wide>(p + i, g + i, m + i, v + i, Wide(a1), Wide(a2), wmax1, wmax2, s);
-  float max1 = reduce_max(wmax1), max2 = reduce_max(wmax2);
-  for (; i < n; ++i) adam8_lanes<float>(p + i, g + i, m + i, v + i, a1, a2, max1, max2, s);
-  *absmax1 = max1;
-  *absmax2 = max2;
-  quantize_run(m, n, inv_absmax(max1), q1, c.m);
-  quantize_run(v, n, inv_absmax(max2), q2, c.v);
+// Runs body(task, stats of that task) over every task in parallel, then returns the stats summed
+// per tensor in task order (the same result whatever the thread count).
+template <class Body>
+std::vector<StepStats> per_tensor_stats(const std::vector<Task>& tasks, size_t tensors, Body&& body) {
+  std::vector<StepStats> per_task(tasks.size(), StepStats{0.0, 0.0, 0.0f, 0.0f, 0.0f});
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(tasks[t], per_task[t]);
+  });
+  std::vector<StepStats> out(tensors, StepStats{0.0, 0.0, 0.0f, 0.0f, 0.0f});
+  for (size_t t = 0; t < tasks.size(); ++t) merge(out[tasks[t].tensor], per_task[t]);
+  return out;
 }
 
 // Advances every step count by one and returns each tensor's constants for the new count
-// (the lr and step tensors are in host memory: no sync).
-std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& lr, double beta1, double beta2,
+// (lr, step and gnorm_scales tensors are in host memory: no sync).
+std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& lr,
+                                       const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2,
                                        double eps, double weight_decay) {
   const double lr_value = *lr.data_ptr<float>();
+  const float* scales = gnorm_scales.has_value() ? gnorm_scales->data_ptr<float>() : nullptr;
   std::vector<AdamScalars> out;
   out.reserve(steps.size());
-  for (const auto& step : steps) {
-    float& t = *step.data_ptr<float>();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    float& t = *steps[i].data_ptr<float>();
     t += 1.0f;
-    out.push_back(adam_scalars(lr_value, t, beta1, beta2, eps, weight_decay));
+    out.push_back(adam_scalars(lr_value, t, beta1, beta2, eps, weight_decay, scales ? scales[i] : 1.0f));
   }
   return out;
 }
 
+// Folds max_unorm's factor into each tensor's step size.
+void apply_unorm(std::vector<AdamScalars>& scalars, const std::vector<StepStats>& stats, double max_unorm) {
+  for (size_t i = 0; i < scalars.size(); ++i) {
+    scalars[i].step_size *= unorm_scale(stats[i].dir_sq, stats[i].p_sq, scalars[i].bc1, max_unorm);
+  }
+}
+
+// ---------------------------------------------------------------- 32-bit states
+template <bool kAmsgrad, class T>
+struct Span32 {
+  T* p;
+  const T* g;
+  float *m, *v, *vm;  // vm: nullptr unless kAmsgrad
+};
+
+template <bool kAmsgrad, class F, class T>
+inline void adam32_lanes(const Span32<kAmsgrad, T>& x, int64_t i, const AdamScalars& s, bool skip_zeros) {
+  F p = Lane<F>::load(x.p + i), m = Lane<F>::load(x.m + i), v = Lane<F>::load(x.v + i);
+  F vm = kAmsgrad ? Lane<F>::load(x.vm + i) : F(0.0f);
+  adam_update<kAmsgrad>(p, Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
+  store_lane(x.p + i, p);
+  store_lane(x.m + i, m);
+  store_lane(x.v + i, v);
+  if (kAmsgrad) store_lane(x.vm + i, vm);
+}
+
+template <bool kAmsgrad, class F, class T>
+inline void adam32_stats_lanes(const Span32<kAmsgrad, T>& x, int64_t i, const AdamScalars& s, bool skip_zeros,
+                               LaneStats<F>& acc) {
+  F p = Lane<F>::load(x.p + i), m = Lane<F>::load(x.m + i), v = Lane<F>::load(x.v + i);
+  F vm = kAmsgrad ? Lane<F>::load(x.vm + i) : F(0.0f);
+  const auto update = adam_moments<kAmsgrad>(Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
+  acc.template add<kAmsgrad>(p, m, v, vm, update, s);
+}
+
+template <bool kAmsgrad, class T>
+void adam32_range(const Span32<kAmsgrad, T>& x, int64_t n, const AdamScalars& s_ref, bool skip_zeros) {
+  const AdamScalars s = s_ref;  // a local copy: stores through float pointers may alias the caller's
+  int64_t i = 0;
+  for (; i + W <= n; i += W) adam32_lanes<kAmsgrad, Wide>(x, i, s, skip_zeros);
+  for (; i < n; ++i) adam32_lanes<kAmsgrad, float>(x, i, s, skip_zeros);
+}
+
+template <bool kAmsgrad, class T>
+void adam32_stats(const Span32<kAmsgrad, T>& x, int64_t n, const AdamScalars& s_ref, bool skip_zeros, StepStats& out) {
+  const AdamScalars s = s_ref;
+  LaneStats<Wide> wide;
+  LaneStats<float> narrow;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) adam32_stats_lanes<kAmsgrad, Wide>(x, i, s, skip_zeros, wide);
+  for (; i < n; ++i) adam32_stats_lanes<kAmsgrad, float>(x, i, s, skip_zeros, narrow);
+  wide.flush(out);
+  narrow.flush(out);
+}
+
+// ---------------------------------------------------------------- 8-bit states
+struct Codes {
+  QuantLut m, v;  // signed code of the first moment, unsigned code of the second (and of its max)
+};
+
+// One block of at most kStateBlock values of one tensor: codes, their scales before the step, and
+// the scales to requantize with (per tensor: known from the pre-pass; blockwise: found here).
+template <bool kAmsgrad, class T>
+struct Block8 {
+  T* p;
+  const T* g;
+  uint8_t* q[3];
+  float scale[3];
+  int64_t n;
+};
+
+// Dequantized moments of a block in L1-resident buffers: code values times the block's scales.
+template <bool kAmsgrad, class T>
+struct Moments8 {
+  alignas(64) float m[kStateBlock];
+  alignas(64) float v[kStateBlock];
+  alignas(64) float vm[kAmsgrad ? kStateBlock : 1];
+
+  Moments8(const Block8<kAmsgrad, T>& b, const Codes& c) {
+    lookup_codes(b.q[0], b.n, c.m.code, m);
+    lookup_codes(b.q[1], b.n, c.v.code, v);
+    if (kAmsgrad) lookup_codes(b.q[2], b.n, c.v.code, vm);
+  }
+
+  // Lanes i.. of the block through the moment update; update(...) gets them and the update mask.
+  template <class F, class Fn>
+  inline void lanes(const Block8<kAmsgrad, T>& b, int64_t i, const AdamScalars& s, bool skip_zeros, Fn&& fn) {
+    F mv = Lane<F>::load(m + i) * F(b.scale[0]), vv = Lane<F>::load(v + i) * F(b.scale[1]);
+    F vmv = kAmsgrad ? Lane<F>::load(vm + i) * F(b.scale[2]) : F(0.0f);
+    const auto update = adam_moments<kAmsgrad>(Lane<F>::load(b.g + i), mv, vv, vmv, s, skip_zeros);
+    fn(i, mv, vv, vmv, update);
+  }
+};
+
+// The pre-pass of a block: its contribution to the tensor's sums and maxima.
+template <bool kAmsgrad, class T>
+void adam8_stats_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars& s, bool skip_zeros,
+                       StepStats& out) {
+  Moments8<kAmsgrad, T> x(b, c);
+  LaneStats<Wide> wide;
+  LaneStats<float> narrow;
+  int64_t i = 0;
+  for (; i + W <= b.n; i += W) {
+    x.template lanes<Wide>(b, i, s, skip_zeros, [&](int64_t j, Wide m, Wide v, Wide vm, auto update) {
+      wide.template add<kAmsgrad>(Lane<Wide>::load(b.p + j), m, v, vm, update, s);
+    });
+  }
+  for (; i < b.n; ++i) {
+    x.template lanes<float>(b, i, s, skip_zeros, [&](int64_t j, float m, float v, float vm, bool update) {
+      narrow.template add<kAmsgrad>(Lane<float>::load(b.p + j), m, v, vm, update, s);
+    });
+  }
+  wide.flush(out);
+  narrow.flush(out);
+}
+
+// The update of a block in three passes over L1-resident buffers (dequantize, update, requantize),
+// so each loop has short dependency chains that the core can overlap. `requant` holds the scales to
+// quantize with, or is nullptr for blockwise scales, which are then the block's new maxima and
+// are written to `new_scale`.
+template <bool kAmsgrad, class T>
+void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars& s_ref, bool skip_zeros,
+                 const float* requant, float* new_scale) {
+  const AdamScalars s = s_ref;  // a local copy: stores through float pointers may alias the caller's
+  Moments8<kAmsgrad, T> x(b, c);
+  Wide wmax[3] = {Wide(0.0f), Wide(0.0f), Wide(0.0f)};
+  float fmax[3] = {0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + W <= b.n; i += W) {
+    x.template lanes<Wide>(b, i, s, skip_zeros, [&](int64_t j, Wide m, Wide v, Wide vm, auto update) {
+      Wide p = Lane<Wide>::load(b.p + j);
+      store_lane(b.p + j, vselect(update, adam_param(p, adam_direction(m, kAmsgrad ? vm : v, s), s), p));
+      store_lane(x.m + j, m);
+      store_lane(x.v + j, v);
+      if (kAmsgrad) store_lane(x.vm + j, vm);
+      wmax[0] = vmax(wmax[0], vabs(m));
+      wmax[1] = vmax(wmax[1], v);
+      wmax[2] = vmax(wmax[2], vm);
+    });
+  }
+  for (int k = 0; k < 3; ++k) fmax[k] = reduce_max(wmax[k]);
+  for (; i < b.n; ++i) {
+    x.template lanes<float>(b, i, s, skip_zeros, [&](int64_t j, float m, float v, float vm, bool update) {
+      const float p = Lane<float>::load(b.p + j);
+      store_lane(b.p + j, update ? adam_param(p, adam_direction(m, kAmsgrad ? vm : v, s), s) : p);
+      x.m[j] = m;
+      x.v[j] = v;
+      if (kAmsgrad) x.vm[j] = vm;
+      fmax[0] = vmax(fmax[0], vabs(m));
+      fmax[1] = vmax(fmax[1], v);
+      fmax[2] = vmax(fmax[2], vm);
+    });
+  }
+  if (requant == nullptr) {
+    for (int k = 0; k < 3; ++k) new_scale[k] = fmax[k];
+    requant = new_scale;
+  }
+  quantize_run(x.m, b.n, inv_absmax(requant[0]), b.q[0], c.m);
+  quantize_run(x.v, b.n, inv_absmax(requant[1]), b.q[1], c.v);
+  if (kAmsgrad) quantize_run(x.vm, b.n, inv_absmax(requant[2]), b.q[2], c.v);
+}
+
 }  // namespace
 
-void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
-               double beta2, double eps, double weight_decay) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
-  const auto scalars = advance_steps(steps, lr, beta1, beta2, eps, weight_decay);
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+               const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+               double weight_decay, double max_unorm, bool skip_zeros) {
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+                  weight_decay, max_unorm);
+  auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
   const auto tasks = split_tasks(params, kTaskElems);
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& task = tasks[t];
+  dispatch_bool(!max_exp_avg_sqs.empty(), [&](auto amsgrad) {
+    constexpr bool A = decltype(amsgrad)::value;
+    auto run = [&](const Task& task, auto&& body) {
       const int64_t i = task.tensor, b = task.begin;
       ADAM8_DISPATCH_FLOAT(params[i].scalar_type(), [&] {
-        adam32_range(params[i].data_ptr<T>() + b, grads[i].data_ptr<T>() + b, exp_avgs[i].data_ptr<float>() + b,
-                     exp_avg_sqs[i].data_ptr<float>() + b, task.end - b, scalars[i]);
+        Span32<A, T> x{params[i].data_ptr<T>() + b, grads[i].data_ptr<T>() + b, exp_avgs[i].data_ptr<float>() + b,
+                       exp_avg_sqs[i].data_ptr<float>() + b, A ? max_exp_avg_sqs[i].data_ptr<float>() + b : nullptr};
+        body(x, task.end - b, scalars[i]);
       });
+    };
+    if (max_unorm > 0.0) {
+      const auto stats = per_tensor_stats(tasks, params.size(), [&](const Task& task, StepStats& out) {
+        run(task, [&](const auto& x, int64_t n, const AdamScalars& s) { adam32_stats(x, n, s, skip_zeros, out); });
+      });
+      apply_unorm(scalars, stats, max_unorm);
     }
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        run(tasks[t], [&](const auto& x, int64_t n, const AdamScalars& s) { adam32_range(x, n, s, skip_zeros); });
+      }
+    });
   });
 }
 
-void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                             at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
-                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                             const at::Tensor& lr, double beta1, double beta2, double eps,
-                             double weight_decay) {
-  check_adam8bit_blockwise_step(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2,
-                                eps, weight_decay);
-
-  const auto scalars = advance_steps(steps, lr, beta1, beta2, eps, weight_decay);
+void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                   at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
+                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
+                   const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                   double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
+  check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
+                      gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+  auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
   const HostLut lut1 = build_lut(qmap1.contiguous().data_ptr<float>());
   const HostLut lut2 = build_lut(qmap2.contiguous().data_ptr<float>());
   const Codes codes{lut1.view(), lut2.view()};
   const auto tasks = split_tasks(params, kTaskElems);  // kTaskElems is a multiple of kStateBlock
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& task = tasks[t];
+  const bool amsgrad = !state3.empty();
+  dispatch_bool(amsgrad, [&](auto amsgrad_tag) {
+    constexpr bool A = decltype(amsgrad_tag)::value;
+    // Calls body(block, absmax pointers at the block's scale) for each state block of a task.
+    auto blocks = [&](const Task& task, auto&& body) {
       const int64_t i = task.tensor;
       ADAM8_DISPATCH_FLOAT(params[i].scalar_type(), [&] {
-        T* p = params[i].data_ptr<T>();
-        const T* g = grads[i].data_ptr<T>();
-        uint8_t* q1 = state1[i].data_ptr<uint8_t>();
-        uint8_t* q2 = state2[i].data_ptr<uint8_t>();
-        float* am1 = absmax1[i].data_ptr<float>();
-        float* am2 = absmax2[i].data_ptr<float>();
+        float* am[3] = {absmax1[i].data_ptr<float>(), absmax2[i].data_ptr<float>(),
+                        A ? absmax3[i].data_ptr<float>() : nullptr};
         for (int64_t b = task.begin; b < task.end; b += kStateBlock) {
-          const int64_t blk = b / kStateBlock;
-          adam8_block(p + b, g + b, q1 + b, q2 + b, am1 + blk, am2 + blk, std::min(kStateBlock, task.end - b),
-                      codes, scalars[i]);
+          const int64_t k = block_wise ? b / kStateBlock : 0;
+          Block8<A, T> blk{params[i].data_ptr<T>() + b,
+                           grads[i].data_ptr<T>() + b,
+                           {state1[i].data_ptr<uint8_t>() + b, state2[i].data_ptr<uint8_t>() + b,
+                            A ? state3[i].data_ptr<uint8_t>() + b : nullptr},
+                           {am[0][k], am[1][k], A ? am[2][k] : 0.0f},
+                           std::min(kStateBlock, task.end - b)};
+          body(blk, i, k, am);
         }
       });
+    };
+    std::vector<StepStats> stats;
+    if (max_unorm > 0.0 || !block_wise) {
+      stats = per_tensor_stats(tasks, params.size(), [&](const Task& task, StepStats& out) {
+        blocks(task, [&](const auto& blk, int64_t i, int64_t, float**) {
+          adam8_stats_block(blk, codes, scalars[i], skip_zeros, out);
+        });
+      });
+      apply_unorm(scalars, stats, max_unorm);
+    }
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        blocks(tasks[t], [&](const auto& blk, int64_t i, int64_t k, float** am) {
+          if (block_wise) {
+            float fresh[3];
+            adam8_block(blk, codes, scalars[i], skip_zeros, nullptr, fresh);
+            for (int s = 0; s < (A ? 3 : 2); ++s) am[s][k] = fresh[s];
+          } else {
+            const float requant[3] = {stats[i].max1, stats[i].max2, stats[i].max3};
+            adam8_block(blk, codes, scalars[i], skip_zeros, requant, nullptr);
+          }
+        });
+      }
+    });
+    if (!block_wise) {  // every block has read the old per-tensor scales
+      for (size_t i = 0; i < params.size(); ++i) {
+        *absmax1[i].data_ptr<float>() = stats[i].max1;
+        *absmax2[i].data_ptr<float>() = stats[i].max2;
+        if (A) *absmax3[i].data_ptr<float>() = stats[i].max3;
+      }
     }
   });
 }

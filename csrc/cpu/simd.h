@@ -45,6 +45,11 @@ inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a.v, b.v, c.v
 inline VecF vsqrt(VecF x) { return _mm256_sqrt_ps(x.v); }
 inline VecF vabs(VecF x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v); }
 inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a.v, b.v); }
+// Masks are VecF lanes of all ones or all zeros.
+inline VecF vlt(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ); }
+inline VecF vne(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_NEQ_OQ); }
+inline VecF mand(VecF a, VecF b) { return _mm256_and_ps(a.v, b.v); }
+inline VecF vselect(VecF mask, VecF a, VecF b) { return _mm256_blendv_ps(b.v, a.v, mask.v); }
 inline VecI bits_of(VecF x) { return _mm256_castps_si256(x.v); }
 inline VecI gt_as_int(VecI a, VecI b) { return _mm256_srli_epi32(_mm256_cmpgt_epi32(a.v, b.v), 31); }
 inline VecF gather(const float* table, VecI i) { return _mm256_i32gather_ps(table, i.v, 4); }
@@ -66,6 +71,7 @@ inline void store_ints(int32_t* p, int32_t x) { *p = x; }
 inline int32_t load_ints(const int32_t* p, float*) { return *p; }
 inline void store_code(uint8_t* p, int32_t q) { *p = static_cast<uint8_t>(q); }
 inline float reduce_max(float x) { return x; }
+inline double reduce_sum(float x) { return x; }
 
 #ifdef ADAM8_HAVE_AVX2
 inline float reduce_max(VecF x) {
@@ -73,6 +79,14 @@ inline float reduce_max(VecF x) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
+}
+
+inline double reduce_sum(VecF x) {
+  alignas(32) float v[8];
+  _mm256_store_ps(v, x.v);
+  double sum = 0.0;
+  for (float f : v) sum += f;
+  return sum;
 }
 
 // Loads and stores of 8 lanes. `VecF*` tags pick the vector overloads.

@@ -1,6 +1,11 @@
-// CUDA kernels of adam8::adam_step and adam8::adam8bit_blockwise_step: the math of adam8_math.h,
-// one launch per pack of up to kMaxTensors tensors of one parameter dtype (launch.cuh).
+// CUDA kernels of adam8::adam_step and adam8::adam8bit_step: the math of adam8_math.h, one launch
+// per pack of tensors of one parameter dtype (launch.cuh). Per pack: a prologue computes each
+// tensor's constants; when the update needs per-tensor sums or maxima first (max_unorm; 8-bit
+// states with one scale per tensor), a stats kernel computes the same moments without writing them
+// and a second prologue folds the result in; then the update; then, for per-tensor scales, the new
+// scales are stored (after every block has read the old ones).
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "../checks.h"
@@ -11,68 +16,153 @@ namespace adam8 {
 namespace cuda {
 namespace {
 
-// Tensors per launch: a pack of 6 lists stays under the 32 KB kernel-argument limit (26.5 KB).
-constexpr int kMaxTensors = 384;
-
 struct Hyper {
-  double beta1, beta2, eps, weight_decay;
+  double beta1, beta2, eps, weight_decay, max_unorm;
 };
 
-// The constants of this step for every tensor of a pack, computed once per launch by a prologue
-// kernel (two FP64 pows per tensor: done per block in the main kernel, they stalled every chunk).
-// The step counts are advanced by the host, after the launch, to t + 1.
 template <class P>
 __global__ void scalars_kernel(P pack, const float* lr, Hyper h, AdamScalars* out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t < pack.count) {
-    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay);
+    const float grad_scale = pack.scale[t] != nullptr ? *pack.scale[t] : 1.0f;
+    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay,
+                          grad_scale);
   }
 }
 
-template <class P>
-const AdamScalars* launch_scalars(const P& pack, const at::Tensor& lr, const Hyper& h, at::Tensor& scratch,
-                                  cudaStream_t stream) {
-  scratch = at::empty({pack.count * static_cast<int64_t>(sizeof(AdamScalars))}, lr.options().dtype(at::kByte));
-  auto* out = reinterpret_cast<AdamScalars*>(scratch.data_ptr());
-  scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), h, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+__global__ void unorm_kernel(int count, const StepStats* stats, double max_unorm, AdamScalars* scalars) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < count) scalars[t].step_size *= unorm_scale(stats[t].dir_sq, stats[t].p_sq, scalars[t].bc1, max_unorm);
 }
 
-// Lists: params, grads, exp_avgs, exp_avg_sqs.
-using Pack32 = Pack<4, kMaxTensors>;
+// Scratch of one pack: the constants of each tensor, and its stats when the update needs them.
+struct Scratch {
+  at::Tensor bytes;
+  AdamScalars* scalars;
+  StepStats* stats;
+};
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const AdamScalars* scalars) {
+template <class P>
+Scratch launch_scalars(const P& pack, const at::Tensor& lr, const Hyper& h, bool with_stats, cudaStream_t stream) {
+  const int64_t n = pack.count;
+  Scratch s;
+  s.bytes = at::zeros({n * static_cast<int64_t>(sizeof(AdamScalars) + (with_stats ? sizeof(StepStats) : 0))},
+                      lr.options().dtype(at::kByte));
+  s.scalars = reinterpret_cast<AdamScalars*>(s.bytes.data_ptr());
+  s.stats = with_stats ? reinterpret_cast<StepStats*>(s.scalars + n) : nullptr;
+  scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), h, s.scalars);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return s;
+}
+
+void launch_unorm(const Scratch& s, int count, double max_unorm, cudaStream_t stream) {
+  if (max_unorm <= 0.0) return;
+  unorm_kernel<<<(count + 127) / 128, 128, 0, stream>>>(count, s.stats, max_unorm, s.scalars);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Sums and maxima of one thread's lanes, reduced over the warp, then added to the tensor's stats.
+struct ThreadStats {
+  double dir_sq = 0.0, p_sq = 0.0;
+  float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
+
+  template <bool kAmsgrad>
+  __device__ void add(float p, float m, float v, float vm, bool update, const AdamScalars& s) {
+    const float d = adam_direction(m, kAmsgrad ? vm : v, s);
+    dir_sq += update ? static_cast<double>(d * d) : 0.0;
+    p_sq += static_cast<double>(p * p);
+    max1 = vmax(max1, vabs(m));
+    max2 = vmax(max2, v);
+    max3 = vmax(max3, vm);
+  }
+  __device__ void flush(StepStats* out) {
+    dir_sq = warp_sum(dir_sq);
+    p_sq = warp_sum(p_sq);
+    max1 = warp_max(max1);
+    max2 = warp_max(max2);
+    max3 = warp_max(max3);
+    if (threadIdx.x % 32 == 0) {
+      atomicAdd(&out->dir_sq, dir_sq);
+      atomicAdd(&out->p_sq, p_sq);
+      atomic_max_nonneg(&out->max1, max1);
+      atomic_max_nonneg(&out->max2, max2);
+      atomic_max_nonneg(&out->max3, max3);
+    }
+  }
+};
+
+// The first element of this thread in its chunk, and how many of its kPerThread lanes exist.
+template <class P>
+__device__ __forceinline__ int lanes_of(const P& pack, int t, int32_t chunk, int64_t* start) {
+  *start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
+           static_cast<int64_t>(threadIdx.x) * kPerThread;
+  const int64_t left = pack.numel[t] - *start;
+  return left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
+}
+
+// ---------------------------------------------------------------- 32-bit states
+// Lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs. A pack of 5 lists of 384 tensors
+// stays under the 32 KB kernel-argument limit (26.5 KB).
+using Pack32 = Pack<5, 384>;
+
+template <bool kAmsgrad, class T>
+struct Lanes32 {
+  float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread], vm[kPerThread];
+
+  __device__ void load(const Pack32& pack, int t, int64_t start, int valid, bool vec) {
+    load_lanes(static_cast<const T*>(pack.ptr[0][t]) + start, valid, vec, p);
+    load_lanes(static_cast<const T*>(pack.ptr[1][t]) + start, valid, vec, g);
+    load_lanes(static_cast<const float*>(pack.ptr[2][t]) + start, valid, vec, m);
+    load_lanes(static_cast<const float*>(pack.ptr[3][t]) + start, valid, vec, v);
+    if (kAmsgrad) load_lanes(static_cast<const float*>(pack.ptr[4][t]) + start, valid, vec, vm);
+  }
+};
+
+template <bool kAmsgrad, class T>
+__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const AdamScalars* scalars, bool skip_zeros) {
   const int t = pack_tensor(pack, blockIdx.x);
   const AdamScalars s = scalars[t];
-  const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
-                        static_cast<int64_t>(threadIdx.x) * kPerThread;
-  const int64_t left = pack.numel[t] - start;
-  if (left <= 0) return;
-  const int valid = left < kPerThread ? static_cast<int>(left) : kPerThread;
+  int64_t start;
+  const int valid = lanes_of(pack, t, blockIdx.x, &start);
+  if (valid == 0) return;
   const bool vec = pack.aligned[t];
-  T* p = static_cast<T*>(pack.ptr[0][t]) + start;
-  const T* g = static_cast<const T*>(pack.ptr[1][t]) + start;
-  float* m = static_cast<float*>(pack.ptr[2][t]) + start;
-  float* v = static_cast<float*>(pack.ptr[3][t]) + start;
-  float pv[kPerThread], gv[kPerThread], mv[kPerThread], vv[kPerThread];
-  load_lanes(p, valid, vec, pv);
-  load_lanes(g, valid, vec, gv);
-  load_lanes(m, valid, vec, mv);
-  load_lanes(v, valid, vec, vv);
+  Lanes32<kAmsgrad, T> x;
+  x.load(pack, t, start, valid, vec);
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) adam_update(pv[j], gv[j], mv[j], vv[j], s);
-  store_lanes(p, valid, vec, pv);
-  store_lanes(m, valid, vec, mv);
-  store_lanes(v, valid, vec, vv);
+  for (int j = 0; j < kPerThread; ++j) adam_update<kAmsgrad>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+  store_lanes(static_cast<T*>(pack.ptr[0][t]) + start, valid, vec, x.p);
+  store_lanes(static_cast<float*>(pack.ptr[2][t]) + start, valid, vec, x.m);
+  store_lanes(static_cast<float*>(pack.ptr[3][t]) + start, valid, vec, x.v);
+  if (kAmsgrad) store_lanes(static_cast<float*>(pack.ptr[4][t]) + start, valid, vec, x.vm);
 }
 
-// Lists: params, grads, state1, state2, absmax1, absmax2.
-using Pack8 = Pack<6, kMaxTensors>;
+template <bool kAmsgrad, class T>
+__global__ void __launch_bounds__(kThreads) adam32_stats_kernel(Pack32 pack, const AdamScalars* scalars,
+                                                                bool skip_zeros, StepStats* stats) {
+  const int t = pack_tensor(pack, blockIdx.x);  // one tensor per CUDA block: the warps agree on t
+  const AdamScalars s = scalars[t];
+  int64_t start;
+  const int valid = lanes_of(pack, t, blockIdx.x, &start);
+  ThreadStats acc;
+  if (valid > 0) {
+    Lanes32<kAmsgrad, T> x;
+    x.load(pack, t, start, valid, pack.aligned[t]);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+      if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
+    }
+  }
+  acc.flush(stats + t);
+}
 
-// The 8-bit kernel keeps both codes and their tables in shared memory: a quantization is one
-// shared-memory read instead of a scattered global one. Its blocks are persistent (a grid of as
+// ---------------------------------------------------------------- 8-bit states
+// Lists: params, grads, state1, state2, state3, absmax1, absmax2, absmax3 (8 lists of 256 tensors:
+// 23.8 KB of kernel arguments).
+using Pack8 = Pack<8, 256>;
+
+// The 8-bit kernels keep both codes and their tables in shared memory: a quantization is one
+// shared-memory read instead of a scattered global one. Their blocks are persistent (a grid of as
 // many as fit on the GPU, each looping over chunks), so the 52 KB are loaded once per block.
 struct Shared8 {
   int32_t lut[2][kLutSize];
@@ -80,61 +170,7 @@ struct Shared8 {
   float bounds[2][kCodeSize - 1];
 };
 
-// One thread's kPerThread elements of one chunk; a warp holds one state block.
-template <class T>
-__device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t start, const AdamScalars& s,
-                                               const QuantLut& lut1, const QuantLut& lut2) {
-  const int64_t left = pack.numel[t] - start;
-  const int valid = left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
-  const bool vec = pack.aligned[t];
-  const int64_t offset = valid > 0 ? start : 0;  // lanes past the end take part in the reduction only
-  T* p = static_cast<T*>(pack.ptr[0][t]) + offset;
-  const T* g = static_cast<const T*>(pack.ptr[1][t]) + offset;
-  uint8_t* q1 = static_cast<uint8_t*>(pack.ptr[2][t]) + offset;
-  uint8_t* q2 = static_cast<uint8_t*>(pack.ptr[3][t]) + offset;
-  float* absmax1 = static_cast<float*>(pack.ptr[4][t]) + start / kStateBlock;
-  float* absmax2 = static_cast<float*>(pack.ptr[5][t]) + start / kStateBlock;
-
-  float pv[kPerThread], gv[kPerThread], m[kPerThread], v[kPerThread];
-  int32_t c1[kPerThread], c2[kPerThread];
-  load_lanes(p, valid, vec, pv);
-  load_lanes(g, valid, vec, gv);
-  load_codes(q1, valid, vec, c1);
-  load_codes(q2, valid, vec, c2);
-  const float a1 = *absmax1, a2 = *absmax2;
-  float max1 = 0.0f, max2 = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    m[j] = dequantize_one<float, int32_t>(c1[j], lut1.code, a1);
-    v[j] = dequantize_one<float, int32_t>(c2[j], lut2.code, a2);
-    adam_update(pv[j], gv[j], m[j], v[j], s);
-    if (j < valid) {
-      max1 = vmax(max1, vabs(m[j]));
-      max2 = vmax(max2, v[j]);
-    }
-  }
-  max1 = warp_max(max1);  // every lane has read the old absmax before lane 0 writes the new one
-  max2 = warp_max(max2);
-  if (threadIdx.x % 32 == 0) {
-    *absmax1 = max1;
-    *absmax2 = max2;
-  }
-  const float inv1 = inv_absmax(max1), inv2 = inv_absmax(max2);
-#pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    c1[j] = lut1.fast ? code_index_lut<float, int32_t>(m[j] * inv1, lut1) : code_index_search(m[j] * inv1, lut1.bounds);
-    c2[j] = lut2.fast ? code_index_lut<float, int32_t>(v[j] * inv2, lut2) : code_index_search(v[j] * inv2, lut2.bounds);
-  }
-  store_lanes(p, valid, vec, pv);
-  store_codes(q1, valid, vec, c1);
-  store_codes(q2, valid, vec, c2);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, const float* code1,
-                                                            const float* code2, const int32_t* luts) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  Shared8& sh = *reinterpret_cast<Shared8*>(smem);
+__device__ void load_shared(Shared8& sh, const float* code1, const float* code2, const int32_t* luts) {
   for (int c = 0; c < 2; ++c) {
     const int4* src = reinterpret_cast<const int4*>(luts + c * kLutStride);
     int4* dst = reinterpret_cast<int4*>(sh.lut[c]);
@@ -144,23 +180,154 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const Ad
     load_bounds(code, sh.bounds[c]);
   }
   __syncthreads();
+}
+
+// One thread's kPerThread elements of one chunk, dequantized; a warp holds one state block.
+template <bool kAmsgrad, class T>
+struct Lanes8 {
+  float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread], vm[kPerThread];
+  int32_t c1[kPerThread], c2[kPerThread], c3[kPerThread];
+  int valid;
+  bool vec;
+  int64_t offset, scale_index;
+
+  // scale_index: the state block's absmax (blockwise) or 0 (one scale per tensor).
+  __device__ void load(const Pack8& pack, int t, int64_t start, int n_valid, bool block_wise, const QuantLut& lut1,
+                       const QuantLut& lut2) {
+    valid = n_valid;
+    vec = pack.aligned[t];
+    offset = valid > 0 ? start : 0;  // lanes past the end take part in the reductions only
+    scale_index = block_wise ? start / kStateBlock : 0;
+    load_lanes(static_cast<const T*>(pack.ptr[0][t]) + offset, valid, vec, p);
+    load_lanes(static_cast<const T*>(pack.ptr[1][t]) + offset, valid, vec, g);
+    load_codes(static_cast<const uint8_t*>(pack.ptr[2][t]) + offset, valid, vec, c1);
+    load_codes(static_cast<const uint8_t*>(pack.ptr[3][t]) + offset, valid, vec, c2);
+    if (kAmsgrad) load_codes(static_cast<const uint8_t*>(pack.ptr[4][t]) + offset, valid, vec, c3);
+    const float a1 = static_cast<const float*>(pack.ptr[5][t])[scale_index];
+    const float a2 = static_cast<const float*>(pack.ptr[6][t])[scale_index];
+    const float a3 = kAmsgrad ? static_cast<const float*>(pack.ptr[7][t])[scale_index] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      m[j] = dequantize_one<float, int32_t>(c1[j], lut1.code, a1);
+      v[j] = dequantize_one<float, int32_t>(c2[j], lut2.code, a2);
+      vm[j] = kAmsgrad ? dequantize_one<float, int32_t>(c3[j], lut2.code, a3) : 0.0f;
+    }
+  }
+};
+
+__device__ __forceinline__ int32_t quantize_one(float x, const QuantLut& lut) {
+  return lut.fast ? code_index_lut<float, int32_t>(x, lut) : code_index_search(x, lut.bounds);
+}
+
+template <bool kAmsgrad, class T>
+__device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t start, int valid,
+                                               const AdamScalars& s, bool skip_zeros, const StepStats* tensor_scales,
+                                               const QuantLut& lut1, const QuantLut& lut2) {
+  const bool block_wise = tensor_scales == nullptr;
+  Lanes8<kAmsgrad, T> x;
+  x.load(pack, t, start, valid, block_wise, lut1, lut2);
+  float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    adam_update<kAmsgrad>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+    if (j < valid) {
+      max1 = vmax(max1, vabs(x.m[j]));
+      max2 = vmax(max2, x.v[j]);
+      max3 = vmax(max3, x.vm[j]);
+    }
+  }
+  if (block_wise) {
+    max1 = warp_max(max1);  // every lane has read the old absmax before lane 0 writes the new one
+    max2 = warp_max(max2);
+    max3 = warp_max(max3);
+    if (threadIdx.x % 32 == 0) {
+      static_cast<float*>(pack.ptr[5][t])[x.scale_index] = max1;
+      static_cast<float*>(pack.ptr[6][t])[x.scale_index] = max2;
+      if (kAmsgrad) static_cast<float*>(pack.ptr[7][t])[x.scale_index] = max3;
+    }
+  } else {
+    max1 = tensor_scales->max1;
+    max2 = tensor_scales->max2;
+    max3 = tensor_scales->max3;
+  }
+  const float inv1 = inv_absmax(max1), inv2 = inv_absmax(max2), inv3 = inv_absmax(max3);
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    x.c1[j] = quantize_one(x.m[j] * inv1, lut1);
+    x.c2[j] = quantize_one(x.v[j] * inv2, lut2);
+    if (kAmsgrad) x.c3[j] = quantize_one(x.vm[j] * inv3, lut2);
+  }
+  store_lanes(static_cast<T*>(pack.ptr[0][t]) + x.offset, valid, x.vec, x.p);
+  store_codes(static_cast<uint8_t*>(pack.ptr[2][t]) + x.offset, valid, x.vec, x.c1);
+  store_codes(static_cast<uint8_t*>(pack.ptr[3][t]) + x.offset, valid, x.vec, x.c2);
+  if (kAmsgrad) store_codes(static_cast<uint8_t*>(pack.ptr[4][t]) + x.offset, valid, x.vec, x.c3);
+}
+
+// The update. `stats` (per-tensor scales) is nullptr for blockwise scales.
+template <bool kAmsgrad, class T>
+__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros,
+                                                            const StepStats* stats, const float* code1,
+                                                            const float* code2, const int32_t* luts) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared8& sh = *reinterpret_cast<Shared8*>(smem);
+  load_shared(sh, code1, code2, luts);
   const QuantLut lut1{sh.code[0], sh.bounds[0], sh.lut[0], luts[kLutSize] == 0};
   const QuantLut lut2{sh.code[1], sh.bounds[1], sh.lut[1], luts[kLutStride + kLutSize] == 0};
   const int32_t chunks = pack.first_block[pack.count];
   for (int32_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int t = pack_tensor(pack, chunk);
-    const AdamScalars s = scalars[t];
-    const int64_t start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
-                          static_cast<int64_t>(threadIdx.x) * kPerThread;
+    int64_t start;
+    const int valid = lanes_of(pack, t, chunk, &start);
     if (pack.numel[t] > start - (threadIdx.x % 32) * kPerThread) {  // the warp's state block exists
-      adam8bit_lanes<T>(pack, t, start, s, lut1, lut2);
+      adam8bit_lanes<kAmsgrad, T>(pack, t, start, valid, scalars[t], skip_zeros,
+                                  stats == nullptr ? nullptr : stats + t, lut1, lut2);
     }
+  }
+}
+
+// The pre-pass: each tensor's sums and new maxima (codes only: no tables needed).
+template <bool kAmsgrad, class T>
+__global__ void __launch_bounds__(kThreads) adam8bit_stats_kernel(Pack8 pack, const AdamScalars* scalars,
+                                                                  bool skip_zeros, bool block_wise,
+                                                                  const float* code1, const float* code2,
+                                                                  StepStats* stats) {
+  __shared__ float code[2][kCodeSize];
+  for (int i = threadIdx.x; i < kCodeSize; i += kThreads) {
+    code[0][i] = code1[i];
+    code[1][i] = code2[i];
+  }
+  __syncthreads();
+  const QuantLut lut1{code[0], nullptr, nullptr, false}, lut2{code[1], nullptr, nullptr, false};
+  const int t = pack_tensor(pack, blockIdx.x);
+  const AdamScalars s = scalars[t];
+  int64_t start;
+  const int valid = lanes_of(pack, t, blockIdx.x, &start);
+  ThreadStats acc;
+  if (valid > 0) {
+    Lanes8<kAmsgrad, T> x;
+    x.load(pack, t, start, valid, block_wise, lut1, lut2);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+      if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
+    }
+  }
+  acc.flush(stats + t);
+}
+
+// Stores each tensor's new per-tensor scales.
+__global__ void store_scales_kernel(Pack8 pack, const StepStats* stats) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < pack.count) {
+    *static_cast<float*>(pack.ptr[5][t]) = stats[t].max1;
+    *static_cast<float*>(pack.ptr[6][t]) = stats[t].max2;
+    if (pack.ptr[7][t] != nullptr) *static_cast<float*>(pack.ptr[7][t]) = stats[t].max3;
   }
 }
 
 // Persistent grid of the 8-bit kernel: as many blocks as are resident at once (at most `chunks`).
 // (The shared-memory attribute is set per device on first use, before any capture.)
-template <class T>
+template <bool kAmsgrad, class T>
 int adam8bit_grid(int32_t chunks) {
   static std::mutex mutex;
   static std::unordered_map<int, int> resident;  // by device
@@ -169,7 +336,7 @@ int adam8bit_grid(int32_t chunks) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = resident.find(device);
   if (it == resident.end()) {
-    auto kernel = adam8bit_kernel<T>;
+    auto kernel = adam8bit_kernel<kAmsgrad, T>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sizeof(Shared8)));
     int per_sm = 0, sms = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, sizeof(Shared8)));
@@ -180,83 +347,84 @@ int adam8bit_grid(int32_t chunks) {
   return std::min<int32_t>(chunks, it->second);
 }
 
-// Runs `per_dtype(dtype, indices)` for the indices of the parameters of each dtype.
+// Calls f(std::integral_constant<bool, flag>{}) and f(T{}) with T the parameter dtype's C++ type.
 template <class F>
-void by_param_dtype(at::TensorList params, F&& per_dtype) {
-  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
-    std::vector<size_t> idx;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() == dtype) idx.push_back(i);
-    }
-    if (!idx.empty()) per_dtype(dtype, idx);
-  }
-}
-
-template <int kLists>
-std::array<std::vector<at::Tensor>, kLists> gather_lists(std::array<at::TensorList, kLists> lists,
-                                                        const std::vector<size_t>& idx) {
-  std::array<std::vector<at::Tensor>, kLists> out;
-  for (int l = 0; l < kLists; ++l) {
-    for (size_t i : idx) out[l].push_back(lists[l][i]);
-  }
-  return out;
-}
-
-std::vector<at::Tensor> select(at::TensorList list, const std::vector<size_t>& idx) {
-  std::vector<at::Tensor> out;
-  for (size_t i : idx) out.push_back(list[i]);
-  return out;
+void dispatch(bool flag, at::ScalarType dtype, F&& f) {
+  dispatch_float(dtype, [&](auto tag) {
+    if (flag) f(std::true_type{}, tag); else f(std::false_type{}, tag);
+  });
 }
 
 }  // namespace
 
-void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
-               double beta2, double eps, double weight_decay) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+               const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+               double weight_decay, double max_unorm, bool skip_zeros) {
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+                  weight_decay, max_unorm);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Hyper h{beta1, beta2, eps, weight_decay};
-  by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
-    dispatch_float(dtype, [&](auto tag) {
+  const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
+  const bool with_stats = max_unorm > 0.0;
+  by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
+    dispatch(!max_exp_avg_sqs.empty(), dtype, [&](auto amsgrad, auto tag) {
+      constexpr bool A = decltype(amsgrad)::value;
       using T = decltype(tag);
-      for_each_pack<4, kMaxTensors>(gather_lists<4>({params, grads, exp_avgs, exp_avg_sqs}, idx), select(steps, idx),
-                                    [&](const Pack32& pack, int32_t grid) {
-                                      at::Tensor scratch;
-                                      const AdamScalars* s = launch_scalars(pack, lr, h, scratch, stream);
-                                      adam32_kernel<T><<<grid, kThreads, 0, stream>>>(pack, s);
-                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                    });
+      for_each_pack<5, 384>(
+          gather_lists<5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, idx), select(steps, idx),
+          slots(gnorm_scales, idx), [&](const Pack32& pack, int32_t grid) {
+            const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
+            if (with_stats) {
+              adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              launch_unorm(s, pack.count, max_unorm, stream);
+            }
+            adam32_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
     });
   });
   at::_foreach_add_(steps, 1.0);
 }
 
-void adam8bit_blockwise_step(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                             at::TensorList state2, at::TensorList steps, at::TensorList absmax1,
-                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                             const at::Tensor& lr, double beta1, double beta2, double eps,
-                             double weight_decay) {
-  check_adam8bit_blockwise_step(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2,
-                                eps, weight_decay);
+void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                   at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
+                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
+                   const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                   double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
+  check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
+                      gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor code1 = qmap1.contiguous(), code2 = qmap2.contiguous();
   const at::Tensor luts = build_luts({code1, code2});
-  const Hyper h{beta1, beta2, eps, weight_decay};
-  by_param_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
-    dispatch_float(dtype, [&](auto tag) {
+  const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
+  const bool with_stats = max_unorm > 0.0 || !block_wise;
+  by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
+    dispatch(!state3.empty(), dtype, [&](auto amsgrad, auto tag) {
+      constexpr bool A = decltype(amsgrad)::value;
       using T = decltype(tag);
-      for_each_pack<6, kMaxTensors>(
-          gather_lists<6>({params, grads, state1, state2, absmax1, absmax2}, idx), select(steps, idx),
-          [&](const Pack8& pack, int32_t chunks) {
-            at::Tensor scratch;
-            const AdamScalars* s = launch_scalars(pack, lr, h, scratch, stream);
-            adam8bit_kernel<T><<<adam8bit_grid<T>(chunks), kThreads, sizeof(Shared8), stream>>>(
-                pack, s, code1.data_ptr<float>(), code2.data_ptr<float>(), luts.data_ptr<int32_t>());
+      for_each_pack<8, 256>(
+          gather_lists<8>({params, grads, state1, state2, state3, absmax1, absmax2, absmax3}, idx),
+          select(steps, idx), slots(gnorm_scales, idx), [&](const Pack8& pack, int32_t chunks) {
+            const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
+            if (with_stats) {
+              adam8bit_stats_kernel<A, T><<<chunks, kThreads, 0, stream>>>(
+                  pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              launch_unorm(s, pack.count, max_unorm, stream);
+            }
+            adam8bit_kernel<A, T><<<adam8bit_grid<A, T>(chunks), kThreads, sizeof(Shared8), stream>>>(
+                pack, s.scalars, skip_zeros, block_wise ? nullptr : s.stats, code1.data_ptr<float>(),
+                code2.data_ptr<float>(), luts.data_ptr<int32_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (!block_wise) {
+              store_scales_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, s.stats);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
           });
     });
   });

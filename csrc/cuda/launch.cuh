@@ -30,8 +30,9 @@ static_assert(kPerThread * 32 == kStateBlock, "one warp per state block");
 // kernel arguments up to 32 KB on sm_70 and newer; the packs stay well under.
 template <int kLists, int kMax>
 struct Pack {
-  void* ptr[kLists][kMax];
+  void* ptr[kLists][kMax];  // nullptr for a list not passed (amsgrad's, without amsgrad)
   const float* step[kMax];
+  float* scale[kMax];  // the tensor's slot of a per-parameter float vector (gnorm factors), or nullptr
   int64_t numel[kMax];
   int32_t first_block[kMax + 1];  // first CUDA block of each tensor; [count] = grid size
   bool aligned[kMax];             // every pointer 16-byte aligned: vector loads and stores
@@ -49,10 +50,11 @@ __device__ __forceinline__ int pack_tensor(const P& pack, int32_t block) {
   return lo;
 }
 
-// Packs the tensors (lists[l][i] is tensor i of list l) and calls launch(pack, grid) per pack.
+// Packs the tensors (lists[l][i] is tensor i of list l; undefined for a list not passed) and calls
+// launch(pack, grid) per pack. scales[i] is tensor i's float slot (or nullptr).
 template <int kLists, int kMax, class Launch>
 void for_each_pack(const std::array<std::vector<at::Tensor>, kLists>& lists, const std::vector<at::Tensor>& steps,
-                   Launch&& launch) {
+                   const std::vector<float*>& scales, Launch&& launch) {
   using P = Pack<kLists, kMax>;
   P pack;
   pack.count = 0;
@@ -72,10 +74,11 @@ void for_each_pack(const std::array<std::vector<at::Tensor>, kLists>& lists, con
     const int c = pack.count;
     bool aligned = true;
     for (int l = 0; l < kLists; ++l) {
-      pack.ptr[l][c] = lists[l][i].data_ptr();
+      pack.ptr[l][c] = lists[l][i].defined() ? lists[l][i].data_ptr() : nullptr;
       aligned = aligned && reinterpret_cast<uintptr_t>(pack.ptr[l][c]) % 16 == 0;
     }
     pack.step[c] = steps[i].data_ptr<float>();
+    pack.scale[c] = scales[i];
     pack.numel[c] = n;
     pack.aligned[c] = aligned;
     pack.first_block[c + 1] = pack.first_block[c] + static_cast<int32_t>(blocks);
@@ -173,6 +176,54 @@ __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) x = vmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
+}
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// max for non-negative floats, whose bits order like ints.
+__device__ __forceinline__ void atomic_max_nonneg(float* address, float value) {
+  atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+}
+
+// ---------------------------------------------------------------- host helpers
+// Runs `per_dtype(dtype, indices)` for the indices of the tensors of each float dtype.
+template <class F>
+void by_dtype(at::TensorList tensors, F&& per_dtype) {
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].scalar_type() == dtype) idx.push_back(i);
+    }
+    if (!idx.empty()) per_dtype(dtype, idx);
+  }
+}
+
+// lists[l][idx...]: undefined tensors for a list not passed (empty).
+template <int kLists>
+std::array<std::vector<at::Tensor>, kLists> gather_lists(std::array<at::TensorList, kLists> lists,
+                                                        const std::vector<size_t>& idx) {
+  std::array<std::vector<at::Tensor>, kLists> out;
+  for (int l = 0; l < kLists; ++l) {
+    for (size_t i : idx) out[l].push_back(lists[l].empty() ? at::Tensor() : lists[l][i]);
+  }
+  return out;
+}
+
+inline std::vector<at::Tensor> select(at::TensorList list, const std::vector<size_t>& idx) {
+  std::vector<at::Tensor> out;
+  for (size_t i : idx) out.push_back(list[i]);
+  return out;
+}
+
+// Slot i of a per-parameter float vector for each index, or nullptrs when there is none.
+inline std::vector<float*> slots(const c10::optional<at::Tensor>& vec, const std::vector<size_t>& idx) {
+  std::vector<float*> out;
+  for (size_t i : idx) out.push_back(vec.has_value() ? vec->data_ptr<float>() + i : nullptr);
+  return out;
 }
 
 // ---------------------------------------------------------------- code tables on the device
