@@ -90,8 +90,8 @@ ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double b
 // The new moments of one lane, in place; returns where the parameter is updated. A non-finite
 // gradient element (NaN or inf after scaling) updates nothing and resets its m and v to 0
 // (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an element
-// whose gradient is exactly 0 keeps p, m, v as they were. vmax is the running maximum of v
-// (amsgrad), `vm`, is untouched unless kAmsgrad.
+// whose gradient is exactly 0 keeps p, m, v as they were. `vm` is amsgrad's running maximum of v,
+// untouched unless kAmsgrad.
 template <bool kAmsgrad, class V>
 ADAM8_HD auto adam_moments(V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
   g = g * V(s.grad_scale);

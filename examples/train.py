@@ -3,6 +3,7 @@ torch.optim.AdamW, torchadam8.Adam32bit and torchadam8.Adam8bit, and compare the
 
     python examples/train.py                       # CPU, about a minute on 2 cores
     python examples/train.py --steps 1000 --d-model 256 --layers 4 --device cuda
+    python examples/train.py --optimizers AdamW,Adam8bit+amsgrad,Adam8bit+percentile_clipping
 
 Every optimizer starts from the same weights and sees the same batches; the table printed at the
 end gives the final training and validation loss, the optimizer-state bytes and the step times.
@@ -17,6 +18,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -94,6 +96,18 @@ OPTIMIZERS = {
     "Adam32bit": lambda ps, lr, wd: torchadam8.Adam32bit(ps, lr=lr, weight_decay=wd),
     "Adam8bit": lambda ps, lr, wd: torchadam8.Adam8bit(ps, lr=lr, weight_decay=wd),
 }
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
+# The seed's other options, each on Adam8bit (pick them with --optimizers).
+OPTION_VARIANTS = {
+    "amsgrad": dict(amsgrad=True),
+    "percentile_clipping": dict(percentile_clipping=5),
+    "block_wise=False": dict(block_wise=False),
+    "max_unorm": dict(args=SimpleNamespace(max_unorm=4.0)),  # binds early in training here
+    "skip_zeros": dict(args=SimpleNamespace(skip_zeros=True)),
+}
+for _option, _kwargs in OPTION_VARIANTS.items():
+    OPTIMIZERS[f"Adam8bit+{_option}"] = lambda ps, lr, wd, kw=_kwargs: torchadam8.Adam8bit(
+        ps, lr=lr, weight_decay=wd, **kw)
 
 
 @dataclass
@@ -201,7 +215,8 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from " + ", ".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                        help="comma-separated, from " + ", ".join(OPTIMIZERS))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     cfg = Config(

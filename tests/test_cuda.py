@@ -2,6 +2,8 @@
 torch.optim.AdamW(fused=True) and bitsandbytes, many tensors and odd layouts, no host sync, and a
 CUDA-graph-captured step. (Every registry op against its reference on CUDA: tests/test_ops.py.)"""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -72,9 +74,42 @@ def test_many_tensors_mixed_dtypes_and_misaligned_views():
         assert (opt_gpu.state[g]["state1"].cpu().int() - opt_cpu.state[c]["state1"].int()).abs().max() <= 1
 
 
-def test_step_does_not_synchronize():
+# Every option of the seed (one at a time, then all), for the tests of whole steps.
+OPTIONS = {
+    "defaults": {},
+    "amsgrad": dict(amsgrad=True),
+    "percentile_clipping": dict(percentile_clipping=5),
+    "block_wise=False": dict(block_wise=False),
+    "max_unorm": dict(args=SimpleNamespace(max_unorm=0.5)),
+    "skip_zeros": dict(args=SimpleNamespace(skip_zeros=True)),
+    "all": dict(amsgrad=True, percentile_clipping=5, block_wise=False,
+                args=SimpleNamespace(max_unorm=0.5, skip_zeros=True)),
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_many_tensors_with_options_agree_with_cpu(options):
+    """More tensors than a pack holds (256 for 8-bit, 512 for clipping), every option."""
+    shapes = [(int(n),) for n in torch.randint(1, 3000, (600,))]
+    cpu = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opt_cpu = torchadam8.Adam8bit(cpu, min_8bit_size=256, **options)
+    opt_gpu = torchadam8.Adam8bit(gpu, min_8bit_size=256, **options)
+    for t in range(5):
+        for g, c in zip(gpu, cpu):
+            c.grad = torch.randn_like(c) * (30.0 if t == 3 else 1.0)
+            c.grad[torch.rand_like(c) < 0.1] = 0
+            g.grad = c.grad.cuda()
+        opt_gpu.step()
+        opt_cpu.step()
+    for g, c in zip(gpu, cpu):
+        torch.testing.assert_close(g.detach().cpu(), c.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_step_does_not_synchronize(options):
     params = make(((5000,), (300,)))
-    opt = torchadam8.Adam8bit(params)
+    opt = torchadam8.Adam8bit(params, **options)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # state allocation
@@ -87,15 +122,16 @@ def test_step_does_not_synchronize():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("cls", [torchadam8.Adam8bit, torchadam8.Adam32bit], ids=lambda c: c.__name__)
-def test_cuda_graph_capture_replays_eager_steps(cls):
+def test_cuda_graph_capture_replays_eager_steps(cls, options):
     params = make(((5000,), (3, 300)))
     twin = copies(params)
     grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, twin, grads):
         p.grad, q.grad = g, g.clone()
     lr = torch.tensor(1e-3, device="cuda")
-    opt, ref = cls(params, lr=lr), cls(twin, lr=1e-3)
+    opt, ref = cls(params, lr=lr, **options), cls(twin, lr=1e-3, **options)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

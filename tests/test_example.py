@@ -34,3 +34,15 @@ def test_main_prints_the_table(example, capsys):
     out = capsys.readouterr().out
     assert [r.name for r in results] == ["AdamW", "Adam32bit", "Adam8bit"]
     assert "| optimizer | train loss | val loss |" in out and "| Adam8bit |" in out
+
+
+@pytest.mark.slow
+def test_every_option_trains_within_3_percent_of_adamw(example):
+    cfg = example.Config(steps=300, d_model=64, layers=2, heads=4, ctx=64, batch=16, text_bytes=1_000_000)
+    data = example.stdlib_bytes(cfg.text_bytes)
+    adamw = example.train(cfg, "AdamW", data, progress=False)
+    plain = example.train(cfg, "Adam8bit", data, progress=False)
+    for option in example.OPTION_VARIANTS:
+        result = example.train(cfg, f"Adam8bit+{option}", data, progress=False)
+        assert abs(result.val_loss / adamw.val_loss - 1) < 0.03, (option, result, adamw)
+        assert result.train_loss != plain.train_loss, option  # the option took part

@@ -221,3 +221,37 @@ def test_override_of_lr_changes_only_that_parameter(manager):
     assert torch.equal(params[0].detach(), start)  # lr 0 for it: no step, no decay
     assert not torch.equal(twin[0].detach(), start)
     assert torch.equal(params[1].detach(), twin[1].detach())  # the other parameter: as without overrides
+
+
+def test_amsgrad_matches_torch_adamw_amsgrad_100_steps():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    ref = copies(params)
+    ours = Adam32bit(params, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, amsgrad=True)
+    theirs = torch.optim.AdamW(ref, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, amsgrad=True)
+    for grads in gradients(SHAPES, 100):
+        for p, r, g in zip(params, ref, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, r in zip(params, ref):
+        assert (p - r).abs().max() <= 1e-5 * r.detach().abs().max(), p.shape
+        torch.testing.assert_close(ours.state[p]["state3"], theirs.state[r]["max_exp_avg_sq"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Adam32bit, Adam8bit], ids=lambda c: c.__name__)
+def test_compiled_step_with_every_option_matches_eager(cls):
+    options = dict(amsgrad=True, percentile_clipping=5, block_wise=False,
+                   args=SimpleNamespace(max_unorm=0.5, skip_zeros=True))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    twin = copies(params)
+    opt, twin_opt = cls(params, **options), cls(twin, **options)
+    compiled = torch.compile(twin_opt.step, fullgraph=True)
+    for grads in gradients(SHAPES, 3, skip_zeros=True):
+        for p, q, g in zip(params, twin, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        compiled()
+    for p, q in zip(params, twin):
+        assert torch.equal(p.detach(), q.detach())

@@ -114,7 +114,12 @@ struct Lanes32 {
     load_lanes(static_cast<const T*>(pack.ptr[1][t]) + start, valid, vec, g);
     load_lanes(static_cast<const float*>(pack.ptr[2][t]) + start, valid, vec, m);
     load_lanes(static_cast<const float*>(pack.ptr[3][t]) + start, valid, vec, v);
-    if (kAmsgrad) load_lanes(static_cast<const float*>(pack.ptr[4][t]) + start, valid, vec, vm);
+    if (kAmsgrad) {
+      load_lanes(static_cast<const float*>(pack.ptr[4][t]) + start, valid, vec, vm);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) vm[j] = 0.0f;
+    }
   }
 };
 
