@@ -124,6 +124,7 @@ class Config:
     eval_batches: int = 20
     seed: int = 0
     device: str = "cpu"
+    compile: bool = False  # torch.compile the model and the optimizer step (fullgraph)
 
 
 @dataclass
@@ -160,7 +161,13 @@ def train(cfg: Config, name: str, data: torch.Tensor, progress: bool = True) -> 
     split = int(0.95 * len(data))
     torch.manual_seed(cfg.seed)
     model = CharTransformer(cfg.d_model, cfg.layers, cfg.heads, cfg.ctx).to(cfg.device)
-    opt = OPTIMIZERS[name](model.parameters(), cfg.lr, cfg.weight_decay)
+    # Compiled, the learning rate is a tensor: the scheduler changes its value, never the graph.
+    lr = torch.tensor(cfg.lr, device=cfg.device) if cfg.compile else cfg.lr
+    opt = OPTIMIZERS[name](model.parameters(), lr, cfg.weight_decay)
+    forward, opt_step = model, opt.step
+    if cfg.compile:  # the step is compiled before the scheduler wraps opt.step
+        ours = isinstance(opt, torchadam8.Adam)  # torch's AdamW step has graph breaks of its own
+        forward, opt_step = torch.compile(model), torch.compile(opt.step, fullgraph=ours)
     warmup = max(1, cfg.steps // 20)  # linear warm-up, then cosine decay to 10%
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
@@ -172,16 +179,16 @@ def train(cfg: Config, name: str, data: torch.Tensor, progress: bool = True) -> 
         x, y = batches.next()
         _sync(cfg.device)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(forward(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync(cfg.device)
         t1 = time.perf_counter()
-        opt.step()
+        opt_step()
         sched.step()
         _sync(cfg.device)
         t2 = time.perf_counter()
-        if step >= 3:  # the first steps allocate state
+        if step >= 3:  # the first steps allocate state (and compile)
             step_s, opt_s = step_s + t2 - t0, opt_s + t2 - t1
         losses.append(loss.item())
         if hasattr(bar, "set_postfix") and step % 10 == 0:
@@ -218,15 +225,21 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                         help="comma-separated, from " + ", ".join(OPTIMIZERS))
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model and the optimizer step (default: on for CUDA, off for CPU)")
     args = parser.parse_args(argv)
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     cfg = Config(
         steps=args.steps, d_model=args.d_model, layers=args.layers, heads=args.heads, ctx=args.ctx,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        compile=args.compile,
     )
     data = stdlib_bytes(cfg.text_bytes)
     n_params = sum(p.numel() for p in CharTransformer(cfg.d_model, cfg.layers, cfg.heads, cfg.ctx).parameters())
     print(f"{len(data) / 1e6:.1f} MB of standard-library source; model: {n_params / 1e6:.2f}M parameters; "
-          f"{cfg.steps} steps of {cfg.batch}x{cfg.ctx} bytes on {cfg.device}")
+          f"{cfg.steps} steps of {cfg.batch}x{cfg.ctx} bytes on {cfg.device}"
+          f"{', compiled (model and optimizer step)' if cfg.compile else ''}")
     results = [train(cfg, name, data) for name in args.optimizers.split(",")]
     print_table(results)
     return results

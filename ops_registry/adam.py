@@ -78,7 +78,7 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     if vm is not None:
         vm = torch.where(update, torch.maximum(vm.double(), v_new), vm.double())
     denom = (vm if vm is not None else v_new).sqrt() / math.sqrt(bc2) + eps
-    direction = torch.where(update, m_new, 0.0) / denom
+    direction = torch.where(update, m_new / denom, 0.0)
     scale = 1.0
     if max_unorm > 0:
         unorm = float(direction.square().sum().sqrt()) / bc1

@@ -46,3 +46,12 @@ def test_every_option_trains_within_3_percent_of_adamw(example):
         result = example.train(cfg, f"Adam8bit+{option}", data, progress=False)
         assert abs(result.val_loss / adamw.val_loss - 1) < 0.03, (option, result, adamw)
         assert result.train_loss != plain.train_loss, option  # the option took part
+
+
+@pytest.mark.slow
+def test_compiled_training_loop_matches_eager(example, capsys):
+    argv = ["--steps", "5", "--d-model", "32", "--layers", "1", "--ctx", "16", "--batch", "4", "--optimizers", "Adam8bit"]
+    compiled = example.main(argv + ["--compile"])[0]
+    eager = example.main(argv + ["--no-compile"])[0]
+    assert "compiled (model and optimizer step)" in capsys.readouterr().out
+    assert abs(compiled.val_loss - eager.val_loss) < 1e-3 * eager.val_loss, (compiled, eager)

@@ -1,0 +1,68 @@
+"""The graph Inductor runs for a compiled step (expecttest): exactly which adam8 ops run, on which
+tensors, and that no optimizer state is copied: the ops mutate the inputs in place (re-inplacing
+works), and the only copies left are copy_(x, x) write-backs of an input onto itself (no-ops)."""
+
+import expecttest
+import torch
+import torch._inductor.fx_passes.post_grad as post_grad
+
+import torchadam8
+
+SHORT = {torch.float32: "f32", torch.uint8: "u8"}
+
+
+def render(graph: torch.fx.Graph) -> str:
+    """One line per op; each input as dtype[shape]#position."""
+    names = {}
+    for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        val = node.meta["val"]
+        names[node] = f"{SHORT.get(val.dtype, val.dtype)}{list(val.shape)}#{i}"
+
+    def arg(a):
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(arg(x) for x in a) + "]"
+        return names.get(a, repr(a))
+
+    lines, self_copies = [], 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.copy_.default and node.args[0] is node.args[1]:
+            self_copies += 1
+            continue
+        lines.append(f"{node.target}({', '.join(arg(a) for a in node.args)})")
+    return "\n".join(lines + [f"{self_copies} self-copies"])
+
+
+class TestCompiledStepGraph(expecttest.TestCase):
+    def test_adam8bit_step_graph(self):
+        graphs = []
+        original = post_grad.decompose_auto_functionalized
+
+        def record(graph):  # the last pass of Inductor's post-grad passes, after re-inplacing
+            out = original(graph)
+            graphs.append(render(graph))
+            return out
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 32, bias=False))
+        opt = torchadam8.Adam8bit(model.parameters(), lr=torch.tensor(1e-3))  # the bias (128) stays 32-bit
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()  # the state exists before tracing
+        before = {id(t): t.data_ptr() for s in opt.state.values() for t in s.values()}
+        torch._dynamo.reset()
+        post_grad.decompose_auto_functionalized = record
+        try:  # (no cache: the passes must run)
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                torch.compile(opt.step, fullgraph=True)()
+        finally:
+            post_grad.decompose_auto_functionalized = original
+        after = {id(t): t.data_ptr() for s in opt.state.values() for t in s.values()}
+        self.assertEqual(before, after)  # the same state tensors, updated in place
+        self.assertEqual(float(opt.state[model[0].weight]["step"]), 2.0)
+        self.assertExpectedInline(graphs[-1], """\
+adam8.adam8bit_step.default([f32[128, 64]#0, f32[32, 128]#2], [f32[128, 64]#4, f32[32, 128]#6], [u8[128, 64]#8, u8[32, 128]#16], [u8[128, 64]#10, u8[32, 128]#18], [], [f32[]#7, f32[]#15], [f32[32]#9, f32[16]#17], [f32[32]#11, f32[16]#19], [], f32[256]#20, f32[256]#21, f32[]#3, None, 0.9, 0.999, 1e-08, 0.0, 0.0, False, True)
+adam8.adam_step.default([f32[128]#1], [f32[128]#5], [f32[128]#13], [f32[128]#14], [], [f32[]#12], f32[]#3, None, 0.9, 0.999, 1e-08, 0.0, 0.0, False)
+16 self-copies""")
