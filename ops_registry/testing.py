@@ -25,10 +25,17 @@ def assert_equal(actual, expected) -> None:
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, scale_tol: float, what: str):
-    """|actual - expected| <= rtol * |expected| + scale_tol * max|expected|, elementwise."""
+    """|actual - expected| <= rtol * |expected| + scale_tol * max|expected|, elementwise, over the
+    finite values; NaN and inf must sit at the same places in both."""
     a, e = actual.double(), expected.double()
     if e.numel() == 0:
         return
+    same = (a.isnan() == e.isnan()) & (a.isposinf() == e.isposinf()) & (a.isneginf() == e.isneginf())
+    if not same.all():
+        i = tuple((~same).nonzero()[0].tolist())
+        raise AssertionError(f"{what}: non-finite values differ; first at {i}: {a[i].item()!r} vs {e[i].item()!r}")
+    finite = e.isfinite()
+    a, e = torch.where(finite, a, 0.0), torch.where(finite, e, 0.0)
     bound = rtol * e.abs() + scale_tol * e.abs().max()
     bad = (a - e).abs() > bound
     if bad.any():
