@@ -16,7 +16,9 @@ def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     baked into a compiled graph or a captured CUDA graph)."""
     if isinstance(lr, torch.Tensor):
         return lr.to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), lr, dtype=torch.float32, device=device)
+    # ones * lr, not torch.full / torch.tensor: compiled, a float lr then becomes a graph input after
+    # its first change (those specialize on its value and recompile at every change).
+    return torch.ones((), dtype=torch.float32, device=device) * lr
 
 
 def percentile_clipping(grads: Tensors, gnorm_vecs: Tensors, steps: Tensors, percentile: int) -> torch.Tensor:

@@ -274,9 +274,12 @@ class Adam(torch.optim.Optimizer):
                 eight_bit = state["state1"].dtype == torch.uint8
                 # The state's layout decides (a later override cannot reshape it).
                 block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
+                # Parameters share a call when they share these; the group's hyperparameters are
+                # common to all (and left out: a key holding the float lr would make a compiled step
+                # guard on its value, recompiling whenever a scheduler changes it).
+                pinned = tuple((k, v) for k, v in self._overrides[gi][pi].items() if k in HYPER_KEYS)
                 key = (p.device, eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
-                       config["skip_zeros"], *(config[k] for k in HYPER_KEYS[1:4]),
-                       id(config["lr"]) if isinstance(config["lr"], torch.Tensor) else config["lr"])
+                       config["skip_zeros"], pinned)
                 if key not in batches:
                     batches[key] = (config, _Batch())
                 batches[key][1].add(p, g, state)

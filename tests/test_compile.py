@@ -1,0 +1,68 @@
+"""torch.compile(opt.step, fullgraph=True) with an LR scheduler changing the learning rate every
+step: no recompilation (read from torch._dynamo's counters) and the same parameters as eager,
+bit for bit, for every class and with every option."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from torchadam8 import Adam, Adam8bit, Adam32bit
+
+from conftest import copies
+
+OPTIONS = {
+    "defaults": {},
+    "all": dict(amsgrad=True, percentile_clipping=5, block_wise=False,
+                args=SimpleNamespace(max_unorm=0.5, skip_zeros=True)),
+}
+SCHEDULERS = {
+    "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (t + 1)),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50),
+}
+
+
+def make(cls, lr, options):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((70, 90), (300,), (17,))]
+    kwargs = dict(optim_bits=8) if cls is Adam else {}
+    return params, cls(params, lr=lr, **kwargs, **options)
+
+
+CASES = [(lr_kind, scheduler) for scheduler in SCHEDULERS for lr_kind in ("tensor", "float")
+         if lr_kind == "tensor" or scheduler == "LambdaLR"]
+
+
+@pytest.mark.parametrize("lr_kind,scheduler", CASES)
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("cls", [Adam, Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_compiled_step_with_scheduler_does_not_recompile(cls, options, scheduler, lr_kind):
+    torch.manual_seed(0)
+    lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
+    params, opt = make(cls, lr, OPTIONS[options])
+    twin = copies(params)
+    twin_opt = type(opt)(twin, lr=torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2,
+                         **(dict(optim_bits=8) if cls is Adam else {}), **OPTIONS[options])
+
+    def set_grads():
+        for p, q in zip(params, twin):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+
+    set_grads()
+    opt.step()  # the state is made eagerly (its first compiled trace would differ)
+    twin_opt.step()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(opt.step, fullgraph=True)  # before the scheduler wraps opt.step
+    sched, twin_sched = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](twin_opt)
+    for _ in range(50):
+        set_grads()
+        compiled()
+        twin_opt.step()
+        sched.step()
+        twin_sched.step()
+    # A tensor lr never recompiles; a float one once, when its first change makes it a graph input.
+    assert counters["stats"]["unique_graphs"] == (1 if lr_kind == "tensor" else 2), dict(counters["stats"])
+    for p, q in zip(params, twin):
+        assert torch.equal(p.detach(), q.detach())
