@@ -255,3 +255,15 @@ def test_compiled_step_with_every_option_matches_eager(cls):
         compiled()
     for p, q in zip(params, twin):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_args_optim_bits_wins_over_the_class_as_in_bitsandbytes():
+    params = [torch.nn.Parameter(torch.randn(5000))]
+    for cls, bits, dtype in ((Adam8bit, 32, torch.float32), (Adam32bit, 8, torch.uint8)):
+        opt = cls(params, args=SimpleNamespace(optim_bits=bits))
+        params[0].grad = torch.randn(5000)
+        opt.step()
+        assert opt.state[params[0]]["state1"].dtype == dtype, cls
+    opt = Adam8bit(params, args=SimpleNamespace(min_8bit_size=100))  # args without optim_bits: the class's
+    opt.step()
+    assert opt.state[params[0]]["state1"].dtype == torch.uint8

@@ -81,7 +81,8 @@ class Adam(torch.optim.Optimizer):
     - ``block_wise``: 8-bit states with one scale per 256 values (True) or one per tensor (False: the
       new max |m| and max v are found first, then the states are quantized against them).
     - ``args``: an object whose attributes optim_bits, min_8bit_size, percentile_clipping,
-      block_wise, max_unorm, skip_zeros replace the constructor's values, as in bitsandbytes.
+      block_wise, max_unorm, skip_zeros replace the constructor's values, as in bitsandbytes
+      (``args.optim_bits`` wins over Adam8bit's and Adam32bit's fixed width there too).
       ``max_unorm`` (> 0) caps the norm of the update m_hat / (sqrt(v_hat) + eps) at max_unorm
       times the parameter's norm (bitsandbytes; we apply it to 8-bit states too). ``skip_zeros``
       leaves elements whose gradient is exactly 0 untouched (parameter and moments).
@@ -131,7 +132,8 @@ class Adam(torch.optim.Optimizer):
             if optim_bits not in (8, 32):
                 raise ValueError(f"{name}: optim_bits must be 8 or 32 (it is ignored: {name} always keeps "
                                  f"{self._fixed_bits}-bit state), got {optim_bits!r}")
-            values["optim_bits"] = self._fixed_bits
+            if not hasattr(args, "optim_bits"):  # as in bitsandbytes, args.optim_bits wins over the class
+                values["optim_bits"] = self._fixed_bits
         self.args = SimpleNamespace(**_validated(values, name))
         if not isinstance(amsgrad, bool):
             raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
