@@ -204,6 +204,8 @@ def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
             moments.append(("3", qmap2, v + randn(p.numel(), device=device, positive=True) * 1e-4))
         for k, code, values in moments:
             q, amax = quantize_reference(values, code, BLOCK) if block_wise else quantize_per_tensor(values, code)
+            if not block_wise and p.numel() == 0:  # a stale scale: the op must reset it to 0
+                amax = torch.rand(1, device=device) + 0.5
             state = torch.empty_like(p, dtype=torch.uint8)
             _flat(state).copy_(q)
             lists["s" + k].append(state)

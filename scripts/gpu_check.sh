@@ -30,7 +30,7 @@ timeout 150 python3 -m torchadam8.build --require-cuda 2>&1 | tee "$out/build.lo
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BUILD FAILED"; tail -40 "$out/build.log"; exit 1; }
 
 stage "GPU tests"
-timeout 120 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_ops.py -k "cuda" \
+timeout 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_bnb_options.py -k "cuda" \
   > "$out/tests.log" 2>&1
 tests_rc=$?
 grep -E "FAILED|ERROR|Fatal|Segmentation" "$out/tests.log" | head -20; tail -3 "$out/tests.log"

@@ -1,5 +1,5 @@
 // CPU kernel of adam8::percentile_clipping: each gradient's squared norm (finite elements only,
-// summed per task in double, then per tensor in task order), recorded in its history, and the
+// in double per task, then per tensor in task order), recorded in its history, and the
 // gradient factor of this step (adam8_math.h: record_gnorm).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,26 +15,16 @@ namespace adam8 {
 namespace cpu {
 namespace {
 
-template <class F, class T>
-inline void add_square(const T* g, F& acc) {
-  const F x = Lane<F>::load(g);
-  acc = acc + vselect(vlt(vabs(x), F(INFINITY)), x * x, F(0.0f));
-}
-
+// Sum of the squares of the finite elements, each square exact in double and added in double: the
+// result rounds to the same float whatever the order of the additions (the CUDA kernel's differs).
 template <class T>
 double finite_sum_sq(const T* g, int64_t n) {
-  double sum = 0.0;
-  constexpr int W = Lane<Wide>::kWidth;
-  for (int64_t b = 0; b < n; b += kStateBlock) {  // float partial sums over short runs
-    const int64_t e = std::min(n, b + kStateBlock);
-    Wide wide(0.0f);
-    float narrow = 0.0f;
-    int64_t i = b;
-    for (; i + W <= e; i += W) add_square<Wide>(g + i, wide);
-    for (; i < e; ++i) add_square<float>(g + i, narrow);
-    sum += reduce_sum(wide) + narrow;
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};  // independent chains
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = load_lane(g + i);
+    if (vlt(vabs(x), INFINITY)) sum[i & 3] += static_cast<double>(x) * static_cast<double>(x);
   }
-  return sum;
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
 }  // namespace

@@ -36,6 +36,7 @@ __global__ void unorm_kernel(int count, const StepStats* stats, double max_unorm
 }
 
 // Scratch of one pack: the constants of each tensor, and its stats when the update needs them.
+static_assert(sizeof(AdamScalars) % alignof(StepStats) == 0, "the stats follow the constants in one buffer");
 struct Scratch {
   at::Tensor bytes;
   AdamScalars* scalars;
@@ -433,6 +434,14 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
           });
     });
   });
+  if (!block_wise) {  // empty tensors have no pack entry: their per-tensor scale is 0, as on the CPU
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].numel() != 0) continue;
+      absmax1[i].zero_();
+      absmax2[i].zero_();
+      if (!absmax3.empty()) absmax3[i].zero_();
+    }
+  }
   at::_foreach_add_(steps, 1.0);
 }
 

@@ -9,7 +9,7 @@ namespace adam8 {
 namespace cuda {
 namespace {
 
-// Lists: grads, gnorm_vecs (2 lists of 512 tensors: 20.5 KB of kernel arguments).
+// Lists: grads, gnorm_vecs (2 lists of 512 tensors: 22.5 KB of kernel arguments).
 using PackClip = Pack<2, 512>;
 
 template <class T>
@@ -21,10 +21,12 @@ __global__ void __launch_bounds__(kThreads) sum_squares_kernel(PackClip pack, do
   const int valid = left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
   float g[kPerThread];
   load_lanes(static_cast<const T*>(pack.ptr[0][t]) + (valid > 0 ? start : 0), valid, pack.aligned[t], g);
-  float sum = 0.0f;
+  double sum = 0.0;  // squares exact in double, as on the CPU: both round to the same float norm
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) sum += vlt(vabs(g[j]), INFINITY) ? g[j] * g[j] : 0.0f;
-  const double total = warp_sum(static_cast<double>(sum));
+  for (int j = 0; j < kPerThread; ++j) {
+    sum += vlt(vabs(g[j]), INFINITY) ? static_cast<double>(g[j]) * static_cast<double>(g[j]) : 0.0;
+  }
+  const double total = warp_sum(sum);
   if (threadIdx.x % 32 == 0) atomicAdd(sums + t, total);
 }
 
@@ -53,7 +55,7 @@ void percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::Te
       auto run = [&](const std::vector<size_t>& which, bool sum) {
         if (which.empty()) return;
         std::vector<at::Tensor> g = select(grads, which), h = select(gnorm_vecs, which);
-        std::vector<at::Tensor> dummy(which.size(), scales);  // a 1-element stand-in for an empty grad
+        std::vector<at::Tensor> dummy(which.size(), scales);  // a non-empty stand-in for an empty grad (never read)
         for_each_pack<2, 512>({sum ? g : dummy, h}, select(steps, which), slots(scales, which),
                               [&](const PackClip& pack, int32_t grid) {
                                 at::Tensor sums = at::zeros({pack.count}, scales.options().dtype(at::kDouble));
