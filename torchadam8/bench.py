@@ -3,6 +3,7 @@
     python -m torchadam8.bench                      # CPU: 16M fp32 parameters in one tensor
     python -m torchadam8.bench --device cuda        # GPU: the three parameter sets, fp32 and bf16
     python -m torchadam8.bench --sets gpt2-medium --dtypes bf16 --steps 20
+    python -m torchadam8.bench --compile-time       # cold torch.compile of the step, GPT-2-medium tensors
 
 Peers: torch.optim.Adam(fused=True) (32-bit, the bandwidth reference), bitsandbytes' Adam8bit and
 torchao's AdamW8bit when importable. GB/s counts the bytes a step must move (parameters read and
@@ -171,6 +172,60 @@ def print_table(results, graph: bool = False) -> None:
         print()
 
 
+def compile_times(device: str, scale: int) -> None:
+    """Cold torch.compile(opt.step) time on the GPT-2-medium set's ~290 tensors (each dimension
+    divided by `scale`: compile time follows the tensor count, and small tensors keep the step's own
+    time out of it), ours against torch.optim.AdamW compiled the same way (its default foreach step
+    and fused=True). Caches are off, so every compile is cold."""
+    import torchadam8
+
+    shapes = [tuple(max(1, d // scale) for d in s) for s in parameter_sets(device)["gpt2-medium"]]
+    candidates = [
+        ("torchadam8.Adam8bit", lambda ps: torchadam8.Adam8bit(ps, lr=torch.tensor(1e-3, device=device)), True),
+        ("torchadam8.Adam32bit", lambda ps: torchadam8.Adam32bit(ps, lr=torch.tensor(1e-3, device=device)), True),
+        ("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-3, device=device)), False),
+        ("torch AdamW(fused=True)", lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-3, device=device), fused=True),
+         False),
+    ]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    print(f"### cold compile of the step: {len(shapes)} tensors (GPT-2-medium shapes / {scale}: {n / 1e6:.1f}M "
+          f"float32 parameters) on {device}\n")
+    print("| optimizer | fullgraph | first compiled step (s) | x ours (Adam8bit) | compiled step (ms) |")
+    print("|---|---|---:|---:|---:|")
+    first = None
+    for name, make, fullgraph in candidates:
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = make(params)
+        try:
+            opt.step()  # the state exists before compiling, for every optimizer alike
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                step = torch.compile(opt.step, fullgraph=fullgraph)
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                cold = time.perf_counter() - t0
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+        except Exception as e:  # a peer that cannot compile is reported, not fatal
+            print(f"| {name} | {fullgraph} | failed: {type(e).__name__} | | |")
+            continue
+        first = first or cold
+        print(f"| {name} | {fullgraph} | {cold:.2f} | {cold / first:.2f} | {1e3 * statistics.median(times):.2f} |",
+              flush=True)
+        del opt, params, step
+        gc.collect()
+    print()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -184,6 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument("--peers", default=None, help="comma-separated substrings selecting optimizers")
     parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays of each step (peers "
                         "that cannot be captured are reported as failed)")
+    parser.add_argument("--compile-time", action="store_true", help="only the cold torch.compile time of the "
+                        "step on the GPT-2-medium tensors, ours against torch.optim.AdamW")
+    parser.add_argument("--scale", type=int, default=16, help="--compile-time: divide each dimension by this")
     args = parser.parse_args(argv)
     device = args.device
     if args.threads:
@@ -201,6 +259,9 @@ def main(argv=None) -> None:
         peers = [p for p in peers if any(k in p.name.lower() for k in keys)]
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n## torchadam8.bench on {device_name}, torch {torch.__version__}\n", flush=True)
+    if args.compile_time:
+        compile_times(device, args.scale)
+        return
     for name in sets:
         for dtype in dtypes:
             results = []
