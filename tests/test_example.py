@@ -18,12 +18,25 @@ def example():
     return module
 
 
-@pytest.mark.slow
-def test_adam8bit_loss_within_2_percent_of_adamw(example):
+@pytest.fixture(scope="module")
+def trained(example):
+    """trained(name): the result of training `name` on one small config, each optimizer once per
+    module (train seeds itself, so a result does not depend on which test asks first)."""
     cfg = example.Config(steps=300, d_model=64, layers=2, heads=4, ctx=64, batch=16, text_bytes=1_000_000)
     data = example.stdlib_bytes(cfg.text_bytes)
-    adamw = example.train(cfg, "AdamW", data, progress=False)
-    eight = example.train(cfg, "Adam8bit", data, progress=False)
+    results = {}
+
+    def run(name):
+        if name not in results:
+            results[name] = example.train(cfg, name, data, progress=False)
+        return results[name]
+
+    return run
+
+
+@pytest.mark.slow
+def test_adam8bit_loss_within_2_percent_of_adamw(trained):
+    adamw, eight = trained("AdamW"), trained("Adam8bit")
     assert adamw.val_loss < 2.6, adamw  # it learned something (uniform bytes: ln 256 = 5.5)
     assert abs(eight.val_loss / adamw.val_loss - 1) < 0.02, (eight, adamw)
     assert eight.state_bytes < 0.35 * adamw.state_bytes
@@ -37,13 +50,10 @@ def test_main_prints_the_table(example, capsys):
 
 
 @pytest.mark.slow
-def test_every_option_trains_within_3_percent_of_adamw(example):
-    cfg = example.Config(steps=300, d_model=64, layers=2, heads=4, ctx=64, batch=16, text_bytes=1_000_000)
-    data = example.stdlib_bytes(cfg.text_bytes)
-    adamw = example.train(cfg, "AdamW", data, progress=False)
-    plain = example.train(cfg, "Adam8bit", data, progress=False)
+def test_every_option_trains_within_3_percent_of_adamw(example, trained):
+    adamw, plain = trained("AdamW"), trained("Adam8bit")
     for option in example.OPTION_VARIANTS:
-        result = example.train(cfg, f"Adam8bit+{option}", data, progress=False)
+        result = trained(f"Adam8bit+{option}")
         assert abs(result.val_loss / adamw.val_loss - 1) < 0.03, (option, result, adamw)
         assert result.train_loss != plain.train_loss, option  # the option took part
 

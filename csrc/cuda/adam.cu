@@ -92,13 +92,14 @@ struct ThreadStats {
   }
 };
 
-// The first element of this thread in its chunk, and how many of its kPerThread lanes exist.
-template <class P>
-__device__ __forceinline__ int lanes_of(const P& pack, int t, int32_t chunk, int64_t* start) {
-  *start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
-           static_cast<int64_t>(threadIdx.x) * kPerThread;
-  const int64_t left = pack.numel[t] - *start;
-  return left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
+// A pre-pass thread's share: the moments of its loaded lanes (x: Lanes32 or Lanes8), not stored.
+template <bool kAmsgrad, class X>
+__device__ __forceinline__ void add_stats(X& x, int valid, const AdamScalars& s, bool skip_zeros, ThreadStats& acc) {
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+    if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
+  }
 }
 
 // ---------------------------------------------------------------- 32-bit states
@@ -153,11 +154,7 @@ __global__ void __launch_bounds__(kThreads) adam32_stats_kernel(Pack32 pack, con
   if (valid > 0) {
     Lanes32<kAmsgrad, T> x;
     x.load(pack, t, start, valid, pack.aligned[t]);
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
-      if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
-    }
+    add_stats<kAmsgrad>(x, valid, s, skip_zeros, acc);
   }
   acc.flush(stats + t);
 }
@@ -312,11 +309,7 @@ __global__ void __launch_bounds__(kThreads) adam8bit_stats_kernel(Pack8 pack, co
   if (valid > 0) {
     Lanes8<kAmsgrad, T> x;
     x.load(pack, t, start, valid, block_wise, lut1, lut2);
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
-      if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
-    }
+    add_stats<kAmsgrad>(x, valid, s, skip_zeros, acc);
   }
   acc.flush(stats + t);
 }

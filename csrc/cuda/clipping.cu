@@ -15,10 +15,8 @@ using PackClip = Pack<2, 512>;
 template <class T>
 __global__ void __launch_bounds__(kThreads) sum_squares_kernel(PackClip pack, double* sums) {
   const int t = pack_tensor(pack, blockIdx.x);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - pack.first_block[t]) * kBlockElems +
-                        static_cast<int64_t>(threadIdx.x) * kPerThread;
-  const int64_t left = pack.numel[t] - start;
-  const int valid = left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
+  int64_t start;
+  const int valid = lanes_of(pack, t, blockIdx.x, &start);
   float g[kPerThread];
   load_lanes(static_cast<const T*>(pack.ptr[0][t]) + (valid > 0 ? start : 0), valid, pack.aligned[t], g);
   double sum = 0.0;  // squares exact in double, as on the CPU: both round to the same float norm

@@ -50,6 +50,15 @@ __device__ __forceinline__ int pack_tensor(const P& pack, int32_t block) {
   return lo;
 }
 
+// The first element of this thread in its chunk, and how many of its kPerThread lanes exist.
+template <class P>
+__device__ __forceinline__ int lanes_of(const P& pack, int t, int32_t chunk, int64_t* start) {
+  *start = static_cast<int64_t>(chunk - pack.first_block[t]) * kBlockElems +
+           static_cast<int64_t>(threadIdx.x) * kPerThread;
+  const int64_t left = pack.numel[t] - *start;
+  return left <= 0 ? 0 : left < kPerThread ? static_cast<int>(left) : kPerThread;
+}
+
 // Packs the tensors (lists[l][i] is tensor i of list l; undefined for a list not passed) and calls
 // launch(pack, grid) per pack. scales[i] is tensor i's float slot (or nullptr).
 template <int kLists, int kMax, class Launch>
