@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,38 @@ def _stale(library: Path, with_cuda: bool) -> bool:
     return any(f.stat().st_mtime > built for f in inputs)
 
 
+def _links_libstdcxx_shared(cxx: str) -> bool:
+    """Whether a shared library linked by `cxx` loads the shared libstdc++ (the one torch uses):
+    links a one-line library and reads its dynamic section."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "probe.so"
+        try:
+            subprocess.run([cxx, "-shared", "-fPIC", "-x", "c++", "-", "-o", str(lib)], check=True,
+                           capture_output=True, timeout=60,
+                           input=b"#include <sstream>\nint probe() { std::ostringstream s; s << 1; return 0; }\n")
+            dynamic = subprocess.run(["readelf", "-d", str(lib)], check=True, capture_output=True, text=True,
+                                     timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return True  # no working compiler or readelf: torch's build reports its own error
+    return "libstdc++" in dynamic
+
+
+def _compiler_with_shared_libstdcxx() -> str | None:
+    """A $CXX that links libstdc++ statically (the GPU image's CXX=/opt/gcc/bin/g++ does) builds a
+    library holding its own copy of the C++ runtime, whose iostream locale is not the process's:
+    formatting a number into an error message then crashes (torch 2.11 there) or prints nothing
+    (here). Returns the system `c++` to build with instead, or None to keep $CXX."""
+    cxx = os.environ.get("CXX")
+    if not cxx or _links_libstdcxx_shared(cxx):
+        return None
+    system = shutil.which("c++")
+    if system is None or not _links_libstdcxx_shared(system):
+        raise RuntimeError(f"torchadam8: CXX={cxx} links libstdc++ statically and no `c++` on PATH links it "
+                           "shared; set CXX to a compiler that links the libstdc++.so torch loads")
+    print(f"torchadam8: CXX={cxx} links libstdc++ statically; building with {system} instead", file=sys.stderr)
+    return system
+
+
 def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
     """Compiles the kernels if needed and loads them; returns the library's path."""
     global _loaded
@@ -89,6 +124,7 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{NAME}.so"
     building = _stale(library, with_cuda)
+    cxx = _compiler_with_shared_libstdcxx() if building else None
     if building:
         print(f"torchadam8: compiling {'CPU and CUDA' if with_cuda else 'CPU'} kernels into {directory} ...",
               file=sys.stderr, flush=True)
@@ -96,17 +132,24 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
     # No FMA contraction: the only fused multiply-adds are the explicit ones of adam8_math.h, so
     # SIMD, scalar and CUDA lanes round alike.
     cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *simd_flags()]
-    cpp_extension.load(
-        name=NAME,
-        sources=[str(s) for s in _sources(with_cuda)],
-        extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=verbose,
-    )
+    saved_cxx = os.environ.get("CXX")
+    if cxx is not None:
+        os.environ["CXX"] = cxx  # torch's build reads the compiler from $CXX
+    try:
+        cpp_extension.load(
+            name=NAME,
+            sources=[str(s) for s in _sources(with_cuda)],
+            extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if cxx is not None:
+            os.environ["CXX"] = saved_cxx
     if building:
         print(f"torchadam8: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     _loaded = str(library)
