@@ -201,6 +201,14 @@ void check_gnorm_scales(const char* op, const c10::optional<at::Tensor>& scales,
   check_dense(op, {"gnorm_scales"}, *scales);
 }
 
+// torch.amp.GradScaler's flag: a float32 scalar, nonzero when a gradient held an inf or NaN.
+void check_found_inf(const char* op, const c10::optional<at::Tensor>& found_inf, const at::Device& device) {
+  if (!found_inf.has_value()) return;
+  check_device(op, {"found_inf"}, *found_inf, device);
+  check_dtype(op, {"found_inf"}, *found_inf, at::kFloat);
+  check_numel(op, {"found_inf"}, *found_inf, 1);
+}
+
 }  // namespace
 
 void check_quantize_blockwise(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
@@ -225,7 +233,7 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
 
 void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-                     const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                     const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
                      double weight_decay, double max_unorm) {
   const char* op = "adam8.adam_step";
   check_adam_common(op, params, grads,
@@ -234,13 +242,15 @@ void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
                      {"max_exp_avg_sqs", max_exp_avg_sqs, at::kFloat, true}},
                     steps, lr, beta1, beta2, eps, weight_decay);
   check_nonnegative(op, "max_unorm", max_unorm);
-  check_gnorm_scales(op, gnorm_scales, params.size(), params.empty() ? lr.device() : params[0].device());
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
+  check_gnorm_scales(op, gnorm_scales, params.size(), device);
+  check_found_inf(op, found_inf, device);
 }
 
 void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                          at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
                          at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                         const at::Tensor& lr, const c10::optional<at::Tensor>& gnorm_scales, double beta1,
+                         const at::Tensor& lr, const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1,
                          double beta2, double eps, double weight_decay, double max_unorm, bool block_wise) {
   const char* op = "adam8.adam8bit_step";
   check_adam_common(op, params, grads,
@@ -257,6 +267,7 @@ void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::Tensor
   check_code(op, "qmap2", qmap2, device);
   check_nonnegative(op, "max_unorm", max_unorm);
   check_gnorm_scales(op, gnorm_scales, params.size(), device);
+  check_found_inf(op, found_inf, device);
 }
 
 void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,

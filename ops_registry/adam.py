@@ -19,24 +19,27 @@ ADAM8 = "adam8.adam8bit_step"
 BLOCK = 256  # the optimizer's state block (csrc/adam8_math.h: kStateBlock)
 
 # Positions of the tensor arguments (the floats and flags are passed by name).
-ADAM_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lr", "gnorm_scales")
+ADAM_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lr", "gnorm_scales",
+             "found_inf")
 ADAM8_ARGS = ("params", "grads", "state1", "state2", "state3", "steps", "absmax1", "absmax2", "absmax3",
-              "qmap1", "qmap2", "lr", "gnorm_scales")
+              "qmap1", "qmap2", "lr", "gnorm_scales", "found_inf")
 
 
 # ---------------------------------------------------------------- fakes
-def adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
-              weight_decay, max_unorm, skip_zeros):
+def adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2,
+              eps, weight_decay, max_unorm, skip_zeros):
     f32 = torch.float32
     states = (("exp_avgs", exp_avgs, f32, False), ("exp_avg_sqs", exp_avg_sqs, f32, False),
               ("max_exp_avg_sqs", max_exp_avg_sqs, f32, True))
     checks.check_adam_common(ADAM, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
     checks.check_nonnegative(ADAM, "max_unorm", max_unorm)
-    checks.check_gnorm_scales(ADAM, gnorm_scales, len(params), params[0].device if params else lr.device)
+    device = params[0].device if params else lr.device
+    checks.check_gnorm_scales(ADAM, gnorm_scales, len(params), device)
+    checks.check_found_inf(ADAM, found_inf, device)
 
 
 def adam8bit_fake(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                  gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+                  gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
     u8 = torch.uint8
     states = (("state1", state1, u8, False), ("state2", state2, u8, False), ("state3", state3, u8, True))
     checks.check_adam_common(ADAM8, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
@@ -50,6 +53,7 @@ def adam8bit_fake(params, grads, state1, state2, state3, steps, absmax1, absmax2
     checks.check_code(ADAM8, "qmap2", qmap2, device)
     checks.check_nonnegative(ADAM8, "max_unorm", max_unorm)
     checks.check_gnorm_scales(ADAM8, gnorm_scales, len(params), device)
+    checks.check_found_inf(ADAM8, found_inf, device)
 
 
 # ---------------------------------------------------------------- references
@@ -91,12 +95,19 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     return p, m, v, vm
 
 
+def _skipped(found_inf) -> bool:
+    """GradScaler found an inf or NaN: the step changes nothing, step counts included."""
+    return found_inf is not None and found_inf.item() != 0
+
+
 def _grad_scales(gnorm_scales, n):
     return [1.0] * n if gnorm_scales is None else gnorm_scales.double().tolist()
 
 
-def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
-                   weight_decay, max_unorm, skip_zeros):
+def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1,
+                   beta2, eps, weight_decay, max_unorm, skip_zeros):
+    if _skipped(found_inf):
+        return
     vms = max_exp_avg_sqs or [None] * len(params)
     for p, g, m, v, vm, t, gs in zip(params, grads, exp_avgs, exp_avg_sqs, vms, steps,
                                      _grad_scales(gnorm_scales, len(params))):
@@ -115,7 +126,9 @@ def quantize_per_tensor(x: torch.Tensor, code: torch.Tensor):
 
 
 def adam8bit_reference(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                       gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+                       gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+    if _skipped(found_inf):
+        return
     n = len(params)
     s3, a3 = (state3, absmax3) if state3 else ([None] * n, [None] * n)
     for i, (p, g, t, gs) in enumerate(zip(params, grads, steps, _grad_scales(gnorm_scales, n))):
@@ -137,7 +150,7 @@ def adam8bit_reference(params, grads, state1, state2, state3, steps, absmax1, ab
 # ---------------------------------------------------------------- samples
 SHAPES = ((1,), (255,), (257,), (3, 5), (0,), (4097,), (16, 33))
 # Options a sample turns on ("all": every one of them at once).
-OPTIONS = ("amsgrad", "gnorm_scales", "max_unorm", "skip_zeros", "nonfinite", "per_tensor")
+OPTIONS = ("amsgrad", "gnorm_scales", "max_unorm", "skip_zeros", "nonfinite", "found_inf", "per_tensor")
 
 
 def _hyper(device):
@@ -168,11 +181,13 @@ def _params(shapes, dtypes, device, transposed, options):
 
 
 def _option_kwargs(options, n, device):
-    """gnorm_scales and the float / flag options of a sample."""
-    scales = None
+    """gnorm_scales, found_inf and the float / flag options of a sample."""
+    scales = found_inf = None
     if "gnorm_scales" in options:  # some 1 (no clipping), others a factor in (0.05, 1)
         scales = torch.where(torch.rand(n, device=device) < 0.3, 1.0, torch.rand(n, device=device) * 0.95 + 0.05)
-    return scales, {
+    if "found_inf" in options:  # alone: a skipped step (nothing changes); with the others: a taken one
+        found_inf = torch.tensor(1.0 if options == ("found_inf",) else 0.0, device=device)
+    return scales, found_inf, {
         "max_unorm": random.choice((1e-3, 0.02)) if "max_unorm" in options else 0.0,
         "skip_zeros": "skip_zeros" in options,
     }
@@ -188,8 +203,8 @@ def _adam_sample(shapes, dtypes, device, transposed=False, options=()):
     v = [moment(p, 1e-4, positive=True) for p in params]
     vm = [x + moment(x, 1e-4, positive=True) * random.choice((0.0, 1.0)) for x in v] if "amsgrad" in options else []
     lr, hyper = _hyper(device)
-    scales, kwargs = _option_kwargs(options, len(params), device)
-    return SampleInput((params, grads, m, v, vm, steps, lr, scales), {**hyper, **kwargs})
+    scales, found_inf, kwargs = _option_kwargs(options, len(params), device)
+    return SampleInput((params, grads, m, v, vm, steps, lr, scales, found_inf), {**hyper, **kwargs})
 
 
 def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
@@ -211,9 +226,9 @@ def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
             lists["s" + k].append(state)
             lists["a" + k].append(amax)
     lr, hyper = _hyper(device)
-    scales, kwargs = _option_kwargs(options, len(params), device)
+    scales, found_inf, kwargs = _option_kwargs(options, len(params), device)
     args = (params, grads, lists["s1"], lists["s2"], lists["s3"], steps, lists["a1"], lists["a2"], lists["a3"],
-            qmap1, qmap2, lr, scales)
+            qmap1, qmap2, lr, scales, found_inf)
     return SampleInput(args, {**hyper, **kwargs, "block_wise": block_wise})
 
 
@@ -283,6 +298,10 @@ def _adam_errors(make, names, state_names, state_dtype, device):
                  options=("gnorm_scales",))
     yield broken(set_arg("gnorm_scales", lambda t: t.half()), TypeError, r"gnorm_scales has dtype torch.float16",
                  options=("gnorm_scales",))
+    yield broken(set_arg("found_inf", lambda t: t.double()), TypeError, r"found_inf has dtype torch.float64",
+                 options=("found_inf",))
+    yield broken(set_arg("found_inf", lambda t: t.repeat(2)), ValueError, r"found_inf has 2 elements; expected 1",
+                 options=("found_inf",))
     yield broken(set_item("params", 1, lambda p: p.to(torch.complex64)), TypeError, r"params\[1\] has dtype torch.complex64")
     yield broken(set_item("params", 0, lambda p: p.double()), TypeError, r"params\[0\] has dtype torch.float64; expected")
     yield broken(set_item("grads", 0, lambda g: g.half()), TypeError, r"grads\[0\] has dtype torch.float16 but params\[0\]")
@@ -368,12 +387,13 @@ ADAM_STEP = OpInfo(
     name="adam_step",
     schema=(
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor lr, Tensor? gnorm_scales, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor lr, Tensor? gnorm_scales, Tensor? found_inf, "
         "float beta1, float beta2, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
     ),
     doc=(
         "One AdamW step with fp32 moments over a list of parameters (amsgrad when max_exp_avg_sqs is given, "
-        "gradients scaled by gnorm_scales, max_unorm, skip_zeros); advances each step count by one."
+        "gradients scaled by gnorm_scales, max_unorm, skip_zeros); advances each step count by one. A nonzero "
+        "found_inf (torch.amp.GradScaler's) skips the step: nothing changes."
     ),
     fake=adam_fake,
     reference=adam_reference,
@@ -388,7 +408,8 @@ ADAM8BIT_STEP = OpInfo(
     schema=(
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] state3, "
         "Tensor(e!)[] steps, Tensor(f!)[] absmax1, Tensor(g!)[] absmax2, Tensor(h!)[] absmax3, "
-        "Tensor qmap1, Tensor qmap2, Tensor lr, Tensor? gnorm_scales, float beta1, float beta2, float eps, "
+        "Tensor qmap1, Tensor qmap2, Tensor lr, Tensor? gnorm_scales, Tensor? found_inf, float beta1, float beta2, "
+        "float eps, "
         "float weight_decay, float max_unorm, bool skip_zeros, bool block_wise) -> ()"
     ),
     doc=(

@@ -170,6 +170,15 @@ def check_absmax_list(
         check_dense(op, what, t)
 
 
+def check_found_inf(op: str, found_inf: torch.Tensor | None, device: torch.device) -> None:
+    """torch.amp.GradScaler's flag: a float32 scalar, nonzero when a gradient held an inf or NaN."""
+    if found_inf is None:
+        return
+    check_device(op, "found_inf", found_inf, device)
+    check_dtype(op, "found_inf", found_inf, (torch.float32,))
+    check_numel(op, "found_inf", found_inf, 1)
+
+
 def check_gnorm_scales(op: str, scales: torch.Tensor | None, n: int, device: torch.device) -> None:
     if scales is None:
         return

@@ -68,9 +68,9 @@ class Reference:
             s, a = st["s"], st["a"]
             if eight:
                 adam8bit_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], [a[0]], [a[1]], a[2:],
-                                   self.qmap1, self.qmap2, lr, scales, block_wise=self.block_wise, **hyper)
+                                   self.qmap1, self.qmap2, lr, scales, None, block_wise=self.block_wise, **hyper)
             else:
-                adam_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], lr, scales, **hyper)
+                adam_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], lr, scales, None, **hyper)
 
 
 def run(cls, options, eight_bit, grads_per_step):

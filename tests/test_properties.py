@@ -353,7 +353,7 @@ def _unorm_case():
     max_unorm = 1e-4: only element 0 is updated, so the clipped step is computed by hand."""
     lr, beta1, beta2, max_unorm = 1e-2, 0.9, 0.999, 1e-4
     args = ([torch.ones(2)], [torch.tensor([1.0, 0.0])], [torch.zeros(2)], [torch.zeros(2)], [], [torch.tensor(0.0)],
-            torch.tensor(lr), None)
+            torch.tensor(lr), None, None)
     kwargs = dict(beta1=beta1, beta2=beta2, eps=0.0, weight_decay=0.0, max_unorm=max_unorm, skip_zeros=True)
     bc1, bc2 = 1 - beta1, 1 - beta2
     direction = (1 - beta1) / ((1 - beta2) ** 0.5 / bc2**0.5)  # m_new / (sqrt(v_new) / sqrt(bc2)) = 0.1

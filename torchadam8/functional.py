@@ -46,18 +46,20 @@ def adam(
     weight_decay: float,
     max_exp_avg_sqs: Tensors = (),
     gnorm_scales: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
     max_unorm: float = 0.0,
     skip_zeros: bool = False,
 ) -> None:
     """One AdamW step with fp32 moments; the op advances ``steps`` (float32 scalars) by one and
     uses the new counts for the bias corrections. ``max_exp_avg_sqs`` (one per parameter) turns on
     amsgrad; ``gnorm_scales`` (one factor per parameter, from :func:`percentile_clipping`) scales
-    the gradients; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options."""
+    the gradients; ``found_inf`` (a float32 scalar, torch.amp.GradScaler's) skips the whole step,
+    step counts included, where nonzero; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options."""
     if not params:
         return
     torch.ops.adam8.adam_step(
         params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs), steps, lr_tensor(lr, params[0].device),
-        gnorm_scales, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_unorm=max_unorm,
+        gnorm_scales, found_inf, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_unorm=max_unorm,
         skip_zeros=skip_zeros,
     )
 
@@ -81,6 +83,7 @@ def adam8bit(
     state3: Tensors = (),
     absmax3: Tensors = (),
     gnorm_scales: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
     max_unorm: float = 0.0,
     skip_zeros: bool = False,
     block_wise: bool = True,
@@ -88,11 +91,11 @@ def adam8bit(
     """One AdamW step with 8-bit moments (uint8 codes of qmap1 / qmap2 with one absmax per 256
     values, or one per tensor when not ``block_wise``); advances ``steps`` like :func:`adam`. The
     update uses the new moments before they are requantized. ``state3`` / ``absmax3`` hold
-    amsgrad's running maximum of the second moment (unsigned code)."""
+    amsgrad's running maximum of the second moment (unsigned code); ``found_inf`` as in :func:`adam`."""
     if not params:
         return
     torch.ops.adam8.adam8bit_step(
         params, grads, state1, state2, list(state3), steps, absmax1, absmax2, list(absmax3), qmap1, qmap2,
-        lr_tensor(lr, params[0].device), gnorm_scales, beta1=beta1, beta2=beta2, eps=eps,
+        lr_tensor(lr, params[0].device), gnorm_scales, found_inf, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise,
     )

@@ -51,12 +51,44 @@ class _Batch:
             setattr(self, name, [])
 
     def add(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
+        # One batch holds one state kind, so the optional entries are present for all or none.
         self.params.append(p)
         self.grads.append(g)
         self.steps.append(state["step"])
-        for key in ("state1", "state2", "state3", "absmax1", "absmax2", "absmax3", "gnorm_vec"):
-            if key in state:
-                getattr(self, "gnorm_vecs" if key == "gnorm_vec" else key).append(state[key])
+        self.state1.append(state["state1"])
+        self.state2.append(state["state2"])
+        if "state3" in state:
+            self.state3.append(state["state3"])
+        if "absmax1" in state:
+            self.absmax1.append(state["absmax1"])
+            self.absmax2.append(state["absmax2"])
+            if "absmax3" in state:
+                self.absmax3.append(state["absmax3"])
+        if "gnorm_vec" in state:
+            self.gnorm_vecs.append(state["gnorm_vec"])
+
+
+class _AmpState:
+    """torch.amp.GradScaler's grad_scale and found_inf (set on the optimizer by ``scaler.step``),
+    on each parameter device: the kernels divide the gradients by the scale and skip the step
+    where found_inf is nonzero, all on the device (no host sync)."""
+
+    def __init__(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self.by_device: dict[torch.device, tuple] = {}
+
+    def __bool__(self) -> bool:
+        return self.grad_scale is not None or self.found_inf is not None
+
+    def get(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if device not in self.by_device:
+            inv = found = None
+            if self.grad_scale is not None:
+                inv = self.grad_scale.to(device=device, dtype=torch.float32, non_blocking=True).reciprocal()
+            if self.found_inf is not None:
+                found = self.found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+            self.by_device[device] = (inv, found)
+        return self.by_device[device]
 
 
 class Adam(torch.optim.Optimizer):
@@ -94,6 +126,12 @@ class Adam(torch.optim.Optimizer):
     moments to 0, in every variant and on every device (bitsandbytes' 8-bit rule; torch propagates
     NaN instead). They do not count in percentile clipping's norms.
 
+    Mixed precision: ``scaler.step(opt)`` with ``torch.amp.GradScaler`` does not synchronize; the
+    kernels unscale the gradients and skip the whole step (parameters, states, step counts) when
+    the scaler found an inf or NaN, as ``torch.optim.AdamW(fused=True)`` does. With
+    percentile_clipping, the gradients are unscaled in place first, and a skipped step still
+    records its gradient norm (of the finite elements) in the clipping history.
+
     Parameters may be float32, float16 or bfloat16 (gradients in the parameter's dtype); the math
     is float32. Per parameter the state holds ``step`` (a float32 scalar tensor), ``state1`` and
     ``state2`` (the moments), ``state3`` with amsgrad, for 8-bit state ``absmax1``, ``absmax2``
@@ -101,6 +139,9 @@ class Adam(torch.optim.Optimizer):
     """
 
     _fixed_bits: int | None = None  # Adam8bit / Adam32bit pin optim_bits
+    # torch.amp.GradScaler.step sets self.grad_scale / self.found_inf instead of unscaling the
+    # gradients and reading found_inf on the host (a sync) itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -183,13 +224,19 @@ class Adam(torch.optim.Optimizer):
         if gindex is None:
             gindex, pindex = next((gi, pi) for gi, g in enumerate(self.param_groups)
                                   for pi, q in enumerate(g["params"]) if q is p)
-        if self._overrides_version != self._manager.version:
-            self._read_overrides()
+        return {**self._group_config(gindex), **self._current_overrides()[gindex][pindex]}
+
+    def _group_config(self, gindex: int) -> dict[str, Any]:
+        """The options of a group's parameters that have no overrides."""
         group = self.param_groups[gindex]
         config = {k: getattr(self.args, k) for k in ARGS_KEYS}
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
-        config.update(self._overrides[gindex][pindex])
         return config
+
+    def _current_overrides(self) -> list[list[dict[str, Any]]]:
+        if self._overrides_version != self._manager.version:
+            self._read_overrides()
+        return self._overrides
 
     def _uses_8bit(self, p: torch.Tensor, config: dict[str, Any] | None = None) -> bool:
         config = config or self._config(p)
@@ -262,11 +309,15 @@ class Adam(torch.optim.Optimizer):
                     params.append((pi, p))
                     grads.append(self._checked_grad(p, gi, pi))
             work.append((gi, params, grads))
+        overrides = self._current_overrides()
+        amp = _AmpState(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for gi, params, grads in work:
             # One op call per state kind and options: a handful per group, whatever its size.
             batches: dict[tuple, tuple[dict, _Batch]] = {}
+            group_config = self._group_config(gi)
             for (pi, p), g in zip(params, grads):
-                config = self._config(p, gi, pi)
+                over = overrides[gi][pi]
+                config = {**group_config, **over} if over else group_config
                 state = self.state[p]
                 if not state:
                     self._init_state(p, config)
@@ -279,16 +330,23 @@ class Adam(torch.optim.Optimizer):
                 # Parameters share a call when they share these; the group's hyperparameters are
                 # common to all (and left out: a key holding the float lr would make a compiled step
                 # guard on its value, recompiling whenever a scheduler changes it).
-                pinned = tuple((k, v) for k, v in self._overrides[gi][pi].items() if k in HYPER_KEYS)
+                pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS) if over else ()
                 key = (p.device, eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
                        config["skip_zeros"], pinned)
-                if key not in batches:
-                    batches[key] = (config, _Batch())
-                batches[key][1].add(p, g, state)
+                batch = batches.get(key)
+                if batch is None:
+                    batch = batches[key] = (config, _Batch())
+                batch[1].add(p, g, state)
             for (device, eight_bit, _, block_wise, clip, *_), (config, b) in batches.items():
-                scales = F.percentile_clipping(b.grads, b.gnorm_vecs, b.steps, clip) if clip < 100 else None
+                inv_scale, found_inf = amp.get(device) if amp else (None, None)
+                if clip < 100:
+                    if inv_scale is not None:  # the norms of the history are of unscaled gradients
+                        torch._foreach_mul_(b.grads, inv_scale)
+                    scales = F.percentile_clipping(b.grads, b.gnorm_vecs, b.steps, clip)
+                else:
+                    scales = None if inv_scale is None else inv_scale.reshape(1).expand(len(b.params)).contiguous()
                 options = dict(lr=config["lr"], beta1=config["betas"][0], beta2=config["betas"][1], eps=config["eps"],
-                               weight_decay=config["weight_decay"], gnorm_scales=scales,
+                               weight_decay=config["weight_decay"], gnorm_scales=scales, found_inf=found_inf,
                                max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"])
                 if eight_bit:
                     F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2,

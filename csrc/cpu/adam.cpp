@@ -71,6 +71,12 @@ std::vector<StepStats> per_tensor_stats(const std::vector<Task>& tasks, size_t t
   return out;
 }
 
+// GradScaler found an inf or NaN gradient: the step changes nothing, step counts included
+// (found_inf is in host memory: no sync).
+bool skipped(const c10::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f;
+}
+
 // Advances every step count by one and returns each tensor's constants for the new count
 // (lr, step and gnorm_scales tensors are in host memory: no sync).
 std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& lr,
@@ -254,10 +260,11 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-               const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
                double weight_decay, double max_unorm, bool skip_zeros) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2, eps,
                   weight_decay, max_unorm);
+  if (skipped(found_inf)) return;
   auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
   const auto tasks = split_tasks(params, kTaskElems);
   dispatch_bool(!max_exp_avg_sqs.empty(), [&](auto amsgrad) {
@@ -287,10 +294,11 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                    at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
                    at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
-                   const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
                    double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
   check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                      gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+                      gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+  if (skipped(found_inf)) return;
   auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
   const HostLut lut1 = build_lut(qmap1.contiguous().data_ptr<float>());
   const HostLut lut2 = build_lut(qmap2.contiguous().data_ptr<float>());

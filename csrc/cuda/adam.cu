@@ -16,6 +16,10 @@ namespace adam8 {
 namespace cuda {
 namespace {
 
+// torch.amp.GradScaler found an inf or NaN gradient (found_inf != 0): every kernel of the step
+// returns at once, read on the device (no sync). `skip` is nullptr without a GradScaler.
+__device__ __forceinline__ bool skip_step(const float* skip) { return skip != nullptr && *skip != 0.0f; }
+
 struct Hyper {
   double beta1, beta2, eps, weight_decay, max_unorm;
 };
@@ -126,7 +130,9 @@ struct Lanes32 {
 };
 
 template <bool kAmsgrad, class T>
-__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const AdamScalars* scalars, bool skip_zeros) {
+__global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const AdamScalars* scalars, bool skip_zeros,
+                                                          const float* skip) {
+  if (skip_step(skip)) return;
   const int t = pack_tensor(pack, blockIdx.x);
   const AdamScalars s = scalars[t];
   int64_t start;
@@ -145,7 +151,9 @@ __global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const Ada
 
 template <bool kAmsgrad, class T>
 __global__ void __launch_bounds__(kThreads) adam32_stats_kernel(Pack32 pack, const AdamScalars* scalars,
-                                                                bool skip_zeros, StepStats* stats) {
+                                                                bool skip_zeros, StepStats* stats,
+                                                                const float* skip) {
+  if (skip_step(skip)) return;
   const int t = pack_tensor(pack, blockIdx.x);  // one tensor per CUDA block: the warps agree on t
   const AdamScalars s = scalars[t];
   int64_t start;
@@ -270,7 +278,9 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
 template <bool kAmsgrad, class T>
 __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros,
                                                             const StepStats* stats, const float* code1,
-                                                            const float* code2, const int32_t* luts) {
+                                                            const float* code2, const int32_t* luts,
+                                                            const float* skip) {
+  if (skip_step(skip)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem);
   load_shared(sh, code1, code2, luts);
@@ -293,7 +303,8 @@ template <bool kAmsgrad, class T>
 __global__ void __launch_bounds__(kThreads) adam8bit_stats_kernel(Pack8 pack, const AdamScalars* scalars,
                                                                   bool skip_zeros, bool block_wise,
                                                                   const float* code1, const float* code2,
-                                                                  StepStats* stats) {
+                                                                  StepStats* stats, const float* skip) {
+  if (skip_step(skip)) return;
   __shared__ float code[2][kCodeSize];
   for (int i = threadIdx.x; i < kCodeSize; i += kThreads) {
     code[0][i] = code1[i];
@@ -315,9 +326,9 @@ __global__ void __launch_bounds__(kThreads) adam8bit_stats_kernel(Pack8 pack, co
 }
 
 // Stores each tensor's new per-tensor scales.
-__global__ void store_scales_kernel(Pack8 pack, const StepStats* stats) {
+__global__ void store_scales_kernel(Pack8 pack, const StepStats* stats, const float* skip) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t < pack.count) {
+  if (t < pack.count && !skip_step(skip)) {
     *static_cast<float*>(pack.ptr[5][t]) = stats[t].max1;
     *static_cast<float*>(pack.ptr[6][t]) = stats[t].max2;
     if (pack.ptr[7][t] != nullptr) *static_cast<float*>(pack.ptr[7][t]) = stats[t].max3;
@@ -354,19 +365,33 @@ void dispatch(bool flag, at::ScalarType dtype, F&& f) {
   });
 }
 
+// Each step count advances by one, or stays where GradScaler skipped the step.
+void advance_steps(at::TensorList steps, const c10::optional<at::Tensor>& found_inf) {
+  if (found_inf.has_value()) {
+    at::_foreach_add_(steps, found_inf->eq(0).to(at::kFloat));
+  } else {
+    at::_foreach_add_(steps, 1.0);
+  }
+}
+
+const float* skip_ptr(const c10::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+}
+
 }  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-               const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
                double weight_decay, double max_unorm, bool skip_zeros) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, beta1, beta2, eps,
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2, eps,
                   weight_decay, max_unorm);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
   const bool with_stats = max_unorm > 0.0;
+  const float* skip = skip_ptr(found_inf);
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!max_exp_avg_sqs.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -376,25 +401,25 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
           slots(gnorm_scales, idx), [&](const Pack32& pack, int32_t grid) {
             const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
             if (with_stats) {
-              adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats);
+              adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats, skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
               launch_unorm(s, pack.count, max_unorm, stream);
             }
-            adam32_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros);
+            adam32_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, skip);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });
   });
-  at::_foreach_add_(steps, 1.0);
+  advance_steps(steps, found_inf);
 }
 
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                    at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
                    at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
-                   const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2, double eps,
+                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
                    double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
   check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                      gnorm_scales, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+                      gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -402,6 +427,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
   const at::Tensor luts = build_luts({code1, code2});
   const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
   const bool with_stats = max_unorm > 0.0 || !block_wise;
+  const float* skip = skip_ptr(found_inf);
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!state3.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -412,16 +438,17 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
             const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
             if (with_stats) {
               adam8bit_stats_kernel<A, T><<<chunks, kThreads, 0, stream>>>(
-                  pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats);
+                  pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats,
+                  skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
               launch_unorm(s, pack.count, max_unorm, stream);
             }
             adam8bit_kernel<A, T><<<adam8bit_grid<A, T>(chunks), kThreads, sizeof(Shared8), stream>>>(
                 pack, s.scalars, skip_zeros, block_wise ? nullptr : s.stats, code1.data_ptr<float>(),
-                code2.data_ptr<float>(), luts.data_ptr<int32_t>());
+                code2.data_ptr<float>(), luts.data_ptr<int32_t>(), skip);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             if (!block_wise) {
-              store_scales_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, s.stats);
+              store_scales_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, s.stats, skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
           });
@@ -430,12 +457,17 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
   if (!block_wise) {  // empty tensors have no pack entry: their per-tensor scale is 0, as on the CPU
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].numel() != 0) continue;
-      absmax1[i].zero_();
-      absmax2[i].zero_();
-      if (!absmax3.empty()) absmax3[i].zero_();
+      for (at::TensorList absmax : {absmax1, absmax2, absmax3}) {
+        if (absmax.empty()) continue;
+        if (found_inf.has_value()) {
+          absmax[i].masked_fill_(found_inf->eq(0), 0.0);  // unless GradScaler skipped the step
+        } else {
+          absmax[i].zero_();
+        }
+      }
     }
   }
-  at::_foreach_add_(steps, 1.0);
+  advance_steps(steps, found_inf);
 }
 
 }  // namespace cuda
