@@ -298,4 +298,26 @@ void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, 
   }
 }
 
+void check_paged_list(const char* op, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Arg t{"tensors", static_cast<int64_t>(i)};
+    check_device(op, t, tensors[i], tensors[0].device());
+    check_dense(op, t, tensors[i]);
+  }
+}
+
+constexpr std::array<at::ScalarType, 4> kPagedDtypes = {at::kFloat, at::kHalf, at::kBFloat16, at::kByte};
+
+void check_zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::Device& device) {
+  const char* op = "adam8.zeros_managed";
+  for (size_t i = 0; i < size.size(); ++i) {
+    TORCH_CHECK_VALUE(size[i] >= 0, op, ": size[", i, "] is ", size[i], "; sizes must be >= 0");
+  }
+  bool known = false;
+  for (auto d : kPagedDtypes) known = known || d == dtype;
+  TORCH_CHECK_TYPE(known, op, ": dtype is ", dtype_name(dtype), "; expected ", dtype_list(kPagedDtypes));
+  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": device is ", device.str(),
+                    "; expected a cpu or cuda device");
+}
+
 }  // namespace adam8

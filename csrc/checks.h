@@ -28,6 +28,12 @@ void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::Tensor
 void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                                int64_t percentile, const at::Tensor& scales);
 
+// adam8.prefetch / adam8.page_out: dense tensors (each a whole range of memory), on one device.
+void check_paged_list(const char* op, at::TensorList tensors);
+
+// adam8.zeros_managed: sizes >= 0, a state dtype, a CPU or CUDA device.
+void check_zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::Device& device);
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace adam8

@@ -22,7 +22,9 @@
                      double beta2, double eps, double weight_decay, double max_unorm, bool skip_zeros,             \
                      bool block_wise);                                                                             \
   void percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,                  \
-                           int64_t percentile, const at::Tensor& scales);
+                           int64_t percentile, const at::Tensor& scales);                                    \
+  void prefetch(at::TensorList tensors);                                                                           \
+  void page_out(at::TensorList tensors);
 
 // Inside TORCH_LIBRARY_IMPL(adam8, <key>, m): binds every op to the kernels of namespace `ns`.
 #define ADAM8_BIND_KERNELS(ns)                                   \
@@ -30,7 +32,9 @@
   m.impl("dequantize_blockwise", &ns::dequantize_blockwise);     \
   m.impl("adam_step", &ns::adam_step);                           \
   m.impl("adam8bit_step", &ns::adam8bit_step);                   \
-  m.impl("percentile_clipping", &ns::percentile_clipping);
+  m.impl("percentile_clipping", &ns::percentile_clipping);      \
+  m.impl("prefetch", &ns::prefetch);                             \
+  m.impl("page_out", &ns::page_out);
 
 namespace adam8 {
 namespace cpu {
@@ -38,5 +42,7 @@ ADAM8_DECLARE_KERNELS
 }  // namespace cpu
 namespace cuda {
 ADAM8_DECLARE_KERNELS
+// Managed (unified) memory on a CUDA device, freed with the tensor (adam8.zeros_managed).
+at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::Device& device);
 }  // namespace cuda
 }  // namespace adam8

@@ -13,6 +13,7 @@ import torch
 from .adam import ADAM8BIT_STEP, ADAM_STEP
 from .clipping import PERCENTILE_CLIPPING
 from .opinfo import ErrorInput, OpInfo, SampleInput
+from .paging import ZEROS_MANAGED, PAGE_OUT, PREFETCH
 from .quantize import DEQUANTIZE_BLOCKWISE, QUANTIZE_BLOCKWISE
 
 NAMESPACE = "adam8"
@@ -23,6 +24,9 @@ OPS: tuple[OpInfo, ...] = (
     ADAM_STEP,
     ADAM8BIT_STEP,
     PERCENTILE_CLIPPING,
+    ZEROS_MANAGED,
+    PREFETCH,
+    PAGE_OUT,
 )
 
 _library: torch.library.Library | None = None

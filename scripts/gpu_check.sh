@@ -34,7 +34,7 @@ stage "GPU tests"
 gcc -shared -fPIC -o /tmp/segv_bt.so scripts/segv_bt.c && export LD_PRELOAD=/tmp/segv_bt.so
 # Error inputs run in a second process, so a crash there cannot hide the other results.
 timeout 170 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_bnb_options.py \
-  -k "cuda and not error_input" > "$out/tests.log" 2>&1
+  tests/test_amp.py tests/test_paged.py -k "(cuda or gpu or managed or paged) and not error_input" > "$out/tests.log" 2>&1
 tests_rc=$?
 timeout 40 python3 -m pytest -v -p no:cacheprovider tests/test_ops.py -k "cuda and error_input" > "$out/tests_errors.log" 2>&1
 errors_rc=$?
@@ -54,6 +54,10 @@ stage "benchmark, CUDA graph replays (no per-step host work)"
 timeout 60 python3 -m torchadam8.bench --device cuda --graph --sets small-many,gpt2-medium --dtypes fp32 --steps 10 \
   --peers torchadam8,fused 2>&1 | tee "$out/bench_graph.log" | grep -v "^|" | tail -3
 
+stage "benchmark, paged states (managed memory), with and without page-out"
+timeout 60 python3 -m torchadam8.bench --device cuda --paged --sets gpt2-medium --dtypes fp32 --steps 10 \
+  --peers torchadam8,fused 2>&1 | tee "$out/bench_paged.log" | grep -v "^|" | tail -3
+
 stage "summary"
 echo "tests: $(tail -1 "$out/tests.log") (rc $tests_rc); error inputs: $(tail -1 "$out/tests_errors.log") (rc $errors_rc)"
-cat "$out/bench.log" "$out/bench_graph.log" 2>/dev/null | grep -E "^(#|\|)" | grep -vE "^\|---|^## " || echo "no benchmark table"
+cat "$out/bench.log" "$out/bench_graph.log" "$out/bench_paged.log" 2>/dev/null | grep -E "^(#|\|)" | grep -vE "^\|---|^## " || echo "no benchmark table"

@@ -63,6 +63,6 @@ class TestCompiledStepGraph(expecttest.TestCase):
         self.assertEqual(before, after)  # the same state tensors, updated in place
         self.assertEqual(float(opt.state[model[0].weight]["step"]), 2.0)
         self.assertExpectedInline(graphs[-1], """\
-adam8.adam8bit_step.default([f32[128, 64]#0, f32[32, 128]#2], [f32[128, 64]#4, f32[32, 128]#6], [u8[128, 64]#8, u8[32, 128]#13], [u8[128, 64]#17, u8[32, 128]#18], [], [f32[]#7, f32[]#12], [f32[32]#9, f32[16]#14], [f32[32]#19, f32[16]#20], [], f32[256]#15, f32[256]#16, f32[]#3, None, None, 0.9, 0.999, 1e-08, 0.0, 0.0, False, True)
+adam8.adam8bit_step.default([f32[128, 64]#0, f32[32, 128]#2], [f32[128, 64]#4, f32[32, 128]#6], [u8[128, 64]#8, u8[32, 128]#13], [u8[128, 64]#15, u8[32, 128]#16], [], [f32[]#7, f32[]#12], [f32[32]#9, f32[16]#14], [f32[32]#19, f32[16]#20], [], f32[256]#17, f32[256]#18, f32[]#3, None, None, 0.9, 0.999, 1e-08, 0.0, 0.0, False, True)
 adam8.adam_step.default([f32[128]#1], [f32[128]#5], [f32[128]#11], [f32[128]#21], [], [f32[]#10], f32[]#3, None, None, 0.9, 0.999, 1e-08, 0.0, 0.0, False)
 16 self-copies""")

@@ -12,7 +12,7 @@ import torch
 import torchadam8
 from ops_registry.adam import adam_reference
 from ops_registry.testing import EPS, assert_close_scaled
-from torchadam8 import Adam, Adam8bit, Adam32bit
+from torchadam8 import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
 
 from conftest import copies, set_grads, step_both
 
@@ -42,9 +42,11 @@ def assert_same(a, b):
             assert torch.equal(v, sb["state"][k][key]), key
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES + [PagedAdam, PagedAdam8bit, PagedAdam32bit], ids=lambda c: c.__name__)
 def test_signature_is_the_seeds(cls):
-    assert str(inspect.signature(cls.__init__)).replace("self, ", "") == SEED_SIGNATURE
+    # bitsandbytes' signature, then our one keyword-only addition
+    extra = ", *, page_out_after_step=False)"
+    assert str(inspect.signature(cls.__init__)).replace("self, ", "") == SEED_SIGNATURE[:-1] + extra
 
 
 def test_adam32bit_matches_torch_adamw_100_steps():
@@ -284,7 +286,8 @@ CONSTRUCTION_ERRORS = [
     (dict(percentile_clipping=0), ValueError, "percentile_clipping must be an int in 1..100, got 0"),
     (dict(percentile_clipping=95.0), ValueError, "percentile_clipping must be an int in 1..100, got 95.0"),
     (dict(block_wise="no"), ValueError, "block_wise must be a bool, got 'no'"),
-    (dict(is_paged=True), NotImplementedError, "is_paged=True is not implemented yet"),
+    (dict(page_out_after_step=True), ValueError, "page_out_after_step=True needs paged states"),
+    (dict(is_paged=True, page_out_after_step=1), ValueError, "page_out_after_step must be a bool, got 1"),
     (dict(args=SimpleNamespace(max_unorm=-1.0)), ValueError, "max_unorm must be a finite float >= 0, got -1.0"),
     (dict(args=SimpleNamespace(skip_zeros=1)), ValueError, "skip_zeros must be a bool, got 1"),
 ]

@@ -296,12 +296,39 @@ def _dequantize_build(case) -> SampleInput:
     return SampleInput((q, absmax, code, case["blocksize"], case["out_dtype"]), {})
 
 
+PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
+
+
+@st.composite
+def zeros_cases(draw):
+    return {"seed": draw(st.integers(0, 2**31 - 1)), "shape": draw(shapes()), "dtype": draw(st.sampled_from(PAGED_DTYPES))}
+
+
+def _zeros_build(case) -> SampleInput:
+    return SampleInput((list(case["shape"]), case["dtype"], torch.device("cpu")), {})
+
+
+@st.composite
+def paged_cases(draw):
+    """A list of dense tensors of any layout and state dtype, with its values drawn from the seed."""
+    return {"seed": draw(st.integers(0, 2**31 - 1)),
+            "tensors": draw(st.lists(st.tuples(dense_layouts(), st.sampled_from(PAGED_DTYPES)), min_size=1, max_size=4))}
+
+
+def _paged_build(case) -> SampleInput:
+    tensors = [materialize(torch.randn(layout[0]) * 100, layout, dtype) for layout, dtype in case["tensors"]]
+    return SampleInput((tensors,), {})
+
+
 CASES = {
     "quantize_blockwise": (quantize_cases(), _quantize_build),
     "dequantize_blockwise": (dequantize_cases(), _dequantize_build),
     "adam_step": (adam_cases(eight_bit=False), lambda case: _adam_build(case, eight_bit=False)),
     "adam8bit_step": (adam_cases(eight_bit=True), lambda case: _adam_build(case, eight_bit=True)),
     "percentile_clipping": (clipping_cases(), _clipping_build),
+    "zeros_managed": (zeros_cases(), _zeros_build),
+    "prefetch": (paged_cases(), _paged_build),
+    "page_out": (paged_cases(), _paged_build),
 }
 
 

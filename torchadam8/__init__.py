@@ -15,10 +15,12 @@ from . import _extension  # noqa: E402
 _extension.load()
 
 from . import functional  # noqa: E402
-from .optim import Adam, Adam8bit, Adam32bit  # noqa: E402
+from .optim import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit  # noqa: E402
 from .overrides import GlobalOptimManager  # noqa: E402
+from .paged import PagedTensor  # noqa: E402
 from .qmap import create_dynamic_map, dynamic_maps  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "Adam8bit", "Adam32bit", "GlobalOptimManager", "create_dynamic_map", "dynamic_maps", "functional"]
+__all__ = ["Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit", "PagedTensor",
+           "GlobalOptimManager", "create_dynamic_map", "dynamic_maps", "functional"]

@@ -4,6 +4,7 @@
     python -m torchadam8.bench --device cuda        # GPU: the three parameter sets, fp32 and bf16
     python -m torchadam8.bench --sets gpt2-medium --dtypes bf16 --steps 20
     python -m torchadam8.bench --compile-time       # cold torch.compile of the step, GPT-2-medium tensors
+    python -m torchadam8.bench --device cuda --paged --sets gpt2-medium --peers torchadam8,fused
 
 Peers: torch.optim.Adam(fused=True) (32-bit, the bandwidth reference), bitsandbytes' Adam8bit and
 torchao's AdamW8bit when importable. GB/s counts the bytes a step must move (parameters read and
@@ -44,7 +45,7 @@ class Peer:
     bytes_per_param: Callable[[torch.dtype], int]  # bytes a step must move per parameter
 
 
-def _peers(device: str) -> list[Peer]:
+def _peers(device: str, paged: bool = False) -> list[Peer]:
     import torchadam8
 
     def eight(dt):  # p read+write, g read, two uint8 states read+write (absmax: ~1.6%, ignored)
@@ -59,6 +60,11 @@ def _peers(device: str) -> list[Peer]:
         # capturable: so that --graph can capture it (the same kernel, with lr and step on the device)
         Peer("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, fused=True, capturable=device != "cpu"), thirty_two),
     ]
+    if paged:  # the same steps with managed-memory states, prefetched each step; then paged out too
+        for cls, width in ((torchadam8.PagedAdam8bit, eight), (torchadam8.PagedAdam32bit, thirty_two)):
+            peers.append(Peer(f"torchadam8.{cls.__name__}", lambda ps, c=cls: c(ps), width))
+            peers.append(Peer(f"torchadam8.{cls.__name__} + page-out", lambda ps, c=cls: c(ps, page_out_after_step=True),
+                              width))
     try:
         import bitsandbytes as bnb
 
@@ -101,13 +107,26 @@ def time_step(step: Callable[[], None], device: str, steps: int, warmup: int) ->
     return statistics.median(times)
 
 
+def _plain_tensors(t: torch.Tensor):
+    """The tensors holding a tensor's memory: itself, or a wrapper subclass's inner tensors (ours
+    PagedTensor, torchao's quantized states), whose own storage has no data pointer."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _plain_tensors(getattr(t, name))
+    else:
+        yield t
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     seen, total = set(), 0
     for state in opt.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                total += v.untyped_storage().nbytes()
+        for value in state.values():
+            if not isinstance(value, torch.Tensor):
+                continue
+            for v in _plain_tensors(value):
+                if v.untyped_storage().data_ptr() not in seen:
+                    seen.add(v.untyped_storage().data_ptr())
+                    total += v.untyped_storage().nbytes()
     return total
 
 
@@ -242,6 +261,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile-time", action="store_true", help="only the cold torch.compile time of the "
                         "step on the GPT-2-medium tensors, ours against torch.optim.AdamW")
     parser.add_argument("--scale", type=int, default=16, help="--compile-time: divide each dimension by this")
+    parser.add_argument("--paged", action="store_true", help="add PagedAdam8bit / PagedAdam32bit, with and "
+                        "without page_out_after_step (states in managed memory)")
     args = parser.parse_args(argv)
     device = args.device
     if args.threads:
@@ -253,7 +274,7 @@ def main(argv=None) -> None:
     all_sets = parameter_sets(device)
     if args.numel:
         all_sets["single"] = [(args.numel,)]
-    peers = _peers(device)
+    peers = _peers(device, paged=args.paged)
     if args.peers:
         keys = args.peers.lower().split(",")
         peers = [p for p in peers if any(k in p.name.lower() for k in keys)]

@@ -10,6 +10,7 @@ import torch
 from . import functional as F
 from .checkpoint import validated_state
 from .overrides import GlobalOptimManager, _validated
+from .paged import PAGED_MIN_NUMEL, PagedTensor, paged_zeros_like, unwrap
 from ops_registry.checks import is_dense
 
 from .qmap import dynamic_maps
@@ -120,7 +121,13 @@ class Adam(torch.optim.Optimizer):
       leaves elements whose gradient is exactly 0 untouched (parameter and moments).
     - Per-parameter overrides: :class:`torchadam8.GlobalOptimManager` (bitsandbytes' calls), e.g. to
       keep an embedding's state 32-bit; the override wins over the class's optim_bits.
-    - ``is_paged=True`` is not implemented yet and raises NotImplementedError (never ignored).
+    - ``is_paged``: keep every state of at least 100k elements in managed (unified) memory as a
+      :class:`torchadam8.PagedTensor`, which the GPU driver can page to host memory and back; each
+      step prefetches the states it updates to the GPU first (on the current stream). The Paged
+      classes always page, as bitsandbytes' do. Keyword-only ``page_out_after_step=True`` also
+      pages them out to the host after each step, so the GPU holds no optimizer state between
+      steps. ``prefetch()`` / ``page_out()`` do either by hand: prefetching cannot be captured in
+      a CUDA graph (it does nothing while capturing), so call ``prefetch()`` before a replay.
 
     Non-finite gradient elements (NaN, inf) leave their parameter element unchanged and reset its
     moments to 0, in every variant and on every device (bitsandbytes' 8-bit rule; torch propagates
@@ -139,6 +146,7 @@ class Adam(torch.optim.Optimizer):
     """
 
     _fixed_bits: int | None = None  # Adam8bit / Adam32bit pin optim_bits
+    _always_paged = False  # the Paged classes page whatever is_paged says (as bitsandbytes')
     # torch.amp.GradScaler.step sets self.grad_scale / self.found_inf instead of unscaling the
     # gradients and reading found_inf on the host (a sync) itself.
     _step_supports_amp_scaling = True
@@ -157,6 +165,8 @@ class Adam(torch.optim.Optimizer):
         percentile_clipping=100,
         block_wise=True,
         is_paged=False,
+        *,
+        page_out_after_step=False,
     ):
         check_hyperparameters(lr, betas, eps, weight_decay)
         given = dict(
@@ -178,11 +188,12 @@ class Adam(torch.optim.Optimizer):
         self.args = SimpleNamespace(**_validated(values, name))
         if not isinstance(amsgrad, bool):
             raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
-        if is_paged:
-            raise NotImplementedError(
-                f"{name}: is_paged=True is not implemented yet in torchadam8; leave it at its default "
-                "(paging changes where the states live, so it is refused rather than ignored)"
-            )
+        if not isinstance(page_out_after_step, bool):
+            raise ValueError(f"{name}: page_out_after_step must be a bool, got {page_out_after_step!r}")
+        self._paged = bool(is_paged) or self._always_paged
+        if page_out_after_step and not self._paged:
+            raise ValueError(f"{name}: page_out_after_step=True needs paged states (is_paged=True or a Paged class)")
+        self._page_out_after_step = page_out_after_step
         self._manager = GlobalOptimManager.get_instance()
         self._overrides: list[list[dict]] = []
         self._overrides_version = -1
@@ -269,10 +280,34 @@ class Adam(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, config: dict[str, Any]) -> None:
         state = self.state[p]
         for key, (dtype, shape) in self._state_spec(p, config).items():
-            if shape == tuple(p.shape) and key.startswith("state"):
+            if self._pages(p, key):
+                state[key] = paged_zeros_like(p, dtype)
+            elif shape == tuple(p.shape) and key.startswith("state"):
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _pages(self, p: torch.Tensor, key: str) -> bool:
+        """Whether the state `key` of `p` lives in managed memory: the moments of large parameters."""
+        return self._paged and key in ("state1", "state2", "state3") and p.numel() >= PAGED_MIN_NUMEL
+
+    def _paged_states(self) -> list[PagedTensor]:
+        return [t for state in self.state.values() for t in state.values() if isinstance(t, PagedTensor)]
+
+    @torch.no_grad()
+    def prefetch(self) -> None:
+        """Migrates every paged state to its GPU now, on the current stream (before replaying a
+        captured step, where the step's own prefetch cannot run)."""
+        paged = self._paged_states()
+        if paged:
+            torch.ops.adam8.prefetch(paged)
+
+    @torch.no_grad()
+    def page_out(self) -> None:
+        """Migrates every paged state to host memory, on the current stream."""
+        paged = self._paged_states()
+        if paged:
+            torch.ops.adam8.page_out(paged)
 
     def _checked_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> torch.Tensor:
         """p.grad, or a clear error naming the parameter; laid out like p."""
@@ -348,15 +383,27 @@ class Adam(torch.optim.Optimizer):
                 options = dict(lr=config["lr"], beta1=config["betas"][0], beta2=config["betas"][1], eps=config["eps"],
                                weight_decay=config["weight_decay"], gnorm_scales=scales, found_inf=found_inf,
                                max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"])
+                paged = [t for t in (*b.state1, *b.state2, *b.state3) if isinstance(t, PagedTensor)]
+                if paged:
+                    torch.ops.adam8.prefetch(paged)
                 if eight_bit:
                     F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2,
                                *self._qmap(device), state3=b.state3, absmax3=b.absmax3, block_wise=block_wise,
                                **options)
                 else:
                     F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
+                if paged and self._page_out_after_step:
+                    torch.ops.adam8.page_out(paged)
         return loss
 
     # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict; paged states appear as their inner (managed-memory) tensors,
+        so it saves and loads like any other (``torch.load(weights_only=True)`` included)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {i: {k: unwrap(v) for k, v in s.items()} for i, s in state_dict["state"].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this class; a mismatch (group or parameter count, state shapes,
         dtypes, 8-bit vs 32-bit) raises ValueError and leaves the optimizer unchanged."""
@@ -365,6 +412,11 @@ class Adam(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         state, groups = validated_state(self, state_dict)
+        for p, s in state.items():  # a paged optimizer's large states are paged again
+            for key, t in s.items():
+                if self._pages(p, key) and not isinstance(t, PagedTensor):
+                    s[key] = paged_zeros_like(p, t.dtype)
+                    s[key].copy_(t)
         self.state.clear()
         self.state.update(state)
         self.param_groups = groups
@@ -385,3 +437,20 @@ class Adam32bit(Adam):
         Adam.__doc__ or ""
     )
     _fixed_bits = 32
+
+
+class PagedAdam(Adam):
+    __doc__ = "Adam whose large states are paged (``is_paged`` is ignored: always on, as in bitsandbytes).\n\n" + (
+        Adam.__doc__ or ""
+    )
+    _always_paged = True
+
+
+class PagedAdam8bit(Adam8bit):
+    __doc__ = "Adam8bit whose large states are paged (``is_paged`` is ignored: always on).\n\n" + (Adam.__doc__ or "")
+    _always_paged = True
+
+
+class PagedAdam32bit(Adam32bit):
+    __doc__ = "Adam32bit whose large states are paged (``is_paged`` is ignored: always on).\n\n" + (Adam.__doc__ or "")
+    _always_paged = True

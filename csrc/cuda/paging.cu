@@ -1,0 +1,77 @@
+// CUDA side of the paged states: managed (unified) memory that the driver migrates between host
+// and GPU on demand, and the prefetch / page-out ops that migrate it ahead of time on the current
+// stream. Prefetching cannot be captured in a CUDA graph (it would invalidate the capture), so
+// both ops do nothing while the stream is capturing; the optimizer prefetches before a replay.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "../checks.h"
+#include "../kernels.h"
+
+namespace adam8 {
+namespace cuda {
+namespace {
+
+// Paging needs the GPU to access managed memory while the host may too (Linux, Pascal or newer);
+// without it every access would fault the whole allocation over.
+void require_concurrent_managed_access(const char* op, int device) {
+  int concurrent = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device));
+  TORCH_CHECK(concurrent != 0, op, ": cuda:", device, " has no concurrent managed access (Windows, or a GPU "
+              "older than Pascal), so paged optimizer states cannot live on it; use Adam8bit / Adam32bit");
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Migrates each tensor's memory to `location` (CUDA 13's cudaMemLocation signature).
+void migrate(const char* op, at::TensorList tensors, bool to_host) {
+  check_paged_list(op, tensors);
+  if (tensors.empty()) return;
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (capturing(stream)) return;
+  cudaMemLocation location{};
+  location.type = to_host ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  location.id = to_host ? 0 : tensors[0].device().index();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) continue;
+    const void* ptr = tensors[i].data_ptr();
+    cudaPointerAttributes attributes{};
+    C10_CUDA_CHECK(cudaPointerGetAttributes(&attributes, ptr));
+    // Device memory stays on its GPU (a copy of a paged tensor is one): nothing to migrate.
+    if (attributes.type != cudaMemoryTypeManaged) continue;
+    C10_CUDA_CHECK(cudaMemPrefetchAsync(ptr, tensors[i].nbytes(), location, 0, stream));
+  }
+}
+
+}  // namespace
+
+at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::Device& device) {
+  const c10::cuda::CUDAGuard guard(device);
+  const int index = c10::cuda::current_device();
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCUDA, index);
+  int64_t numel = 1;
+  for (int64_t s : size) numel *= s;
+  if (numel == 0) return at::zeros(size, options);
+  require_concurrent_managed_access("adam8.zeros_managed", index);
+  void* ptr = nullptr;
+  C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(numel) * c10::elementSize(dtype), cudaMemAttachGlobal));
+  // cudaFree waits for the device, so no kernel still using the memory is cut short.
+  at::Tensor out = at::from_blob(ptr, size, [](void* p) { C10_CUDA_CHECK_WARN(cudaFree(p)); }, options);
+  C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, out.nbytes(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+void prefetch(at::TensorList tensors) { migrate("adam8.prefetch", tensors, /*to_host=*/false); }
+
+void page_out(at::TensorList tensors) { migrate("adam8.page_out", tensors, /*to_host=*/true); }
+
+}  // namespace cuda
+}  // namespace adam8
