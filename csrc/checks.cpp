@@ -100,11 +100,6 @@ void check_numel(const char* op, Arg what, const at::Tensor& t, int64_t want) {
   TORCH_CHECK_VALUE(t.numel() == want, op, ": ", what, " has ", t.numel(), " elements; expected ", want);
 }
 
-void check_range(const char* op, const char* name, double value, double lo, double hi) {
-  TORCH_CHECK_VALUE(value >= lo && value < hi, op, ": ", name, " must be in [", lo, ", ", hi, "), got ",
-                    value);
-}
-
 void check_nonnegative(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(value >= 0.0, op, ": ", name, " must be >= 0, got ", value);
 }
@@ -129,7 +124,7 @@ struct StateList {
 
 void check_adam_common(const char* op, at::TensorList params, at::TensorList grads,
                               std::initializer_list<StateList> states, at::TensorList steps,
-                              const at::Tensor& lr, double beta1, double beta2, double eps,
+                              const at::Tensor& lr, const at::Tensor& betas, double eps,
                               double weight_decay) {
   const size_t n = params.size();
   check_length(op, "grads", grads.size(), "params", n);
@@ -141,15 +136,19 @@ void check_adam_common(const char* op, at::TensorList params, at::TensorList gra
     }
   }
   check_length(op, "steps", steps.size(), "params", n);
-  check_range(op, "beta1", beta1, 0.0, 1.0);
-  check_range(op, "beta2", beta2, 0.0, 1.0);
   check_nonnegative(op, "eps", eps);
   check_nonnegative(op, "weight_decay", weight_decay);
   check_dtype(op, {"lr"}, lr, at::kFloat);
   check_numel(op, {"lr"}, lr, 1);
+  // [beta1, beta2] in float64, read by the kernels like lr (a tensor, so a scheduler changing
+  // beta1 does not recompile a compiled step); like lr's, its values are not checked here: on
+  // CUDA that would synchronize (the optimizer classes check them).
+  check_dtype(op, {"betas"}, betas, at::kDouble);
+  check_numel(op, {"betas"}, betas, 2);
   if (n == 0) return;
   const at::Device device = params[0].device();
   check_device(op, {"lr"}, lr, device);
+  check_device(op, {"betas"}, betas, device);
   for (size_t i = 0; i < n; ++i) {
     const Arg p{"params", static_cast<int64_t>(i)};
     check_dtype(op, p, params[i], kParamDtypes);
@@ -232,15 +231,15 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
 }
 
 void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-                     const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
+                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
+                     const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
                      double weight_decay, double max_unorm) {
   const char* op = "adam8.adam_step";
   check_adam_common(op, params, grads,
                     {{"exp_avgs", exp_avgs, at::kFloat},
                      {"exp_avg_sqs", exp_avg_sqs, at::kFloat},
                      {"max_exp_avg_sqs", max_exp_avg_sqs, at::kFloat, true}},
-                    steps, lr, beta1, beta2, eps, weight_decay);
+                    steps, lr, betas, eps, weight_decay);
   check_nonnegative(op, "max_unorm", max_unorm);
   const at::Device device = params.empty() ? lr.device() : params[0].device();
   check_gnorm_scales(op, gnorm_scales, params.size(), device);
@@ -250,12 +249,12 @@ void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
 void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                          at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
                          at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                         const at::Tensor& lr, const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1,
-                         double beta2, double eps, double weight_decay, double max_unorm, bool block_wise) {
+                         const at::Tensor& lr, const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf,
+                         double eps, double weight_decay, double max_unorm, bool block_wise) {
   const char* op = "adam8.adam8bit_step";
   check_adam_common(op, params, grads,
                     {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}, {"state3", state3, at::kByte, true}},
-                    steps, lr, beta1, beta2, eps, weight_decay);
+                    steps, lr, betas, eps, weight_decay);
   check_length(op, "absmax1", absmax1.size(), "params", params.size());
   check_length(op, "absmax2", absmax2.size(), "params", params.size());
   check_length(op, "absmax3", absmax3.size(), "state3", state3.size());

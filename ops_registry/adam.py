@@ -19,30 +19,30 @@ ADAM8 = "adam8.adam8bit_step"
 BLOCK = 256  # the optimizer's state block (csrc/adam8_math.h: kStateBlock)
 
 # Positions of the tensor arguments (the floats and flags are passed by name).
-ADAM_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lr", "gnorm_scales",
+ADAM_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lr", "betas", "gnorm_scales",
              "found_inf")
 ADAM8_ARGS = ("params", "grads", "state1", "state2", "state3", "steps", "absmax1", "absmax2", "absmax3",
-              "qmap1", "qmap2", "lr", "gnorm_scales", "found_inf")
+              "qmap1", "qmap2", "lr", "betas", "gnorm_scales", "found_inf")
 
 
 # ---------------------------------------------------------------- fakes
-def adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2,
-              eps, weight_decay, max_unorm, skip_zeros):
+def adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas, gnorm_scales, found_inf, eps,
+              weight_decay, max_unorm, skip_zeros):
     f32 = torch.float32
     states = (("exp_avgs", exp_avgs, f32, False), ("exp_avg_sqs", exp_avg_sqs, f32, False),
               ("max_exp_avg_sqs", max_exp_avg_sqs, f32, True))
-    checks.check_adam_common(ADAM, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
+    checks.check_adam_common(ADAM, params, grads, states, steps, lr, betas, eps, weight_decay)
     checks.check_nonnegative(ADAM, "max_unorm", max_unorm)
     device = params[0].device if params else lr.device
     checks.check_gnorm_scales(ADAM, gnorm_scales, len(params), device)
     checks.check_found_inf(ADAM, found_inf, device)
 
 
-def adam8bit_fake(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                  gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+def adam8bit_fake(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr, betas,
+                  gnorm_scales, found_inf, eps, weight_decay, max_unorm, skip_zeros, block_wise):
     u8 = torch.uint8
     states = (("state1", state1, u8, False), ("state2", state2, u8, False), ("state3", state3, u8, True))
-    checks.check_adam_common(ADAM8, params, grads, states, steps, lr, beta1, beta2, eps, weight_decay)
+    checks.check_adam_common(ADAM8, params, grads, states, steps, lr, betas, eps, weight_decay)
     checks.check_length(ADAM8, "absmax1", len(absmax1), "params", len(params))
     checks.check_length(ADAM8, "absmax2", len(absmax2), "params", len(params))
     checks.check_length(ADAM8, "absmax3", len(absmax3), "state3", len(state3))
@@ -104,8 +104,9 @@ def _grad_scales(gnorm_scales, n):
     return [1.0] * n if gnorm_scales is None else gnorm_scales.double().tolist()
 
 
-def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1,
-                   beta2, eps, weight_decay, max_unorm, skip_zeros):
+def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas, gnorm_scales, found_inf,
+                   eps, weight_decay, max_unorm, skip_zeros):
+    beta1, beta2 = betas.tolist()
     if _skipped(found_inf):
         return
     vms = max_exp_avg_sqs or [None] * len(params)
@@ -126,7 +127,8 @@ def quantize_per_tensor(x: torch.Tensor, code: torch.Tensor):
 
 
 def adam8bit_reference(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                       gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+                       betas, gnorm_scales, found_inf, eps, weight_decay, max_unorm, skip_zeros, block_wise):
+    beta1, beta2 = betas.tolist()
     if _skipped(found_inf):
         return
     n = len(params)
@@ -154,11 +156,11 @@ OPTIONS = ("amsgrad", "gnorm_scales", "max_unorm", "skip_zeros", "nonfinite", "f
 
 
 def _hyper(device):
-    """lr tensor and scalar hyperparameters, drawn afresh."""
+    """lr and betas tensors and scalar hyperparameters, drawn afresh."""
     lr = torch.tensor(10 ** random.uniform(-4, -2), device=device)
-    return lr, {
-        "beta1": random.choice((0.0, 0.9, random.uniform(0.5, 0.99))),
-        "beta2": random.choice((0.999, random.uniform(0.9, 0.9999))),
+    betas = torch.tensor([random.choice((0.0, 0.9, random.uniform(0.5, 0.99))),
+                          random.choice((0.999, random.uniform(0.9, 0.9999)))], dtype=torch.float64, device=device)
+    return lr, betas, {
         "eps": random.choice((1e-8, 1e-6)),
         "weight_decay": random.choice((0.0, 0.01, 0.1)),
     }
@@ -202,9 +204,9 @@ def _adam_sample(shapes, dtypes, device, transposed=False, options=()):
     m = [moment(p, 1e-2) for p in params]
     v = [moment(p, 1e-4, positive=True) for p in params]
     vm = [x + moment(x, 1e-4, positive=True) * random.choice((0.0, 1.0)) for x in v] if "amsgrad" in options else []
-    lr, hyper = _hyper(device)
+    lr, betas, hyper = _hyper(device)
     scales, found_inf, kwargs = _option_kwargs(options, len(params), device)
-    return SampleInput((params, grads, m, v, vm, steps, lr, scales, found_inf), {**hyper, **kwargs})
+    return SampleInput((params, grads, m, v, vm, steps, lr, betas, scales, found_inf), {**hyper, **kwargs})
 
 
 def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
@@ -225,10 +227,10 @@ def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
             _flat(state).copy_(q)
             lists["s" + k].append(state)
             lists["a" + k].append(amax)
-    lr, hyper = _hyper(device)
+    lr, betas, hyper = _hyper(device)
     scales, found_inf, kwargs = _option_kwargs(options, len(params), device)
     args = (params, grads, lists["s1"], lists["s2"], lists["s3"], steps, lists["a1"], lists["a2"], lists["a3"],
-            qmap1, qmap2, lr, scales, found_inf)
+            qmap1, qmap2, lr, betas, scales, found_inf)
     return SampleInput(args, {**hyper, **kwargs, "block_wise": block_wise})
 
 
@@ -287,8 +289,8 @@ def _adam_errors(make, names, state_names, state_dtype, device):
     yield broken(lambda a, k: a[at[s3]].pop(), ValueError,
                  rf"{s3} has 1 tensors but params has 2; pass one per parameter with amsgrad, none without")
     yield broken(lambda a, k: a[at["steps"]].pop(), ValueError, r"steps has 1 tensors but params has 2")
-    yield broken(lambda a, k: k.update(beta1=1.0), ValueError, r"beta1 must be in \[0, 1\), got 1")
-    yield broken(lambda a, k: k.update(beta2=-0.5), ValueError, r"beta2 must be in \[0, 1\), got -0.5")
+    yield broken(set_arg("betas", lambda t: t.float()), TypeError, r"betas has dtype torch.float32; expected torch.float64")
+    yield broken(set_arg("betas", lambda t: t[:1]), ValueError, r"betas has 1 elements; expected 2")
     yield broken(lambda a, k: k.update(eps=-1e-8), ValueError, r"eps must be >= 0, got -1e-08")
     yield broken(lambda a, k: k.update(weight_decay=-0.1), ValueError, r"weight_decay must be >= 0, got -0.1")
     yield broken(lambda a, k: k.update(max_unorm=-1.0), ValueError, r"max_unorm must be >= 0, got -1")
@@ -320,6 +322,7 @@ def _adam_errors(make, names, state_names, state_dtype, device):
     yield broken(strided, ValueError, r"params\[0\] with shape \[300\] and strides \[2\] is not dense", options=())
     if torch.device(device).type != "cpu":
         yield broken(set_arg("lr", lambda t: t.cpu()), ValueError, r"lr is on cpu but the parameters are on")
+        yield broken(set_arg("betas", lambda t: t.cpu()), ValueError, r"betas is on cpu but the parameters are on")
         yield broken(set_item("grads", 0, lambda g: g.cpu()), ValueError, r"grads\[0\] is on cpu but the parameters are on")
 
 
@@ -387,13 +390,14 @@ ADAM_STEP = OpInfo(
     name="adam_step",
     schema=(
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor lr, Tensor? gnorm_scales, Tensor? found_inf, "
-        "float beta1, float beta2, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor lr, Tensor betas, Tensor? gnorm_scales, "
+        "Tensor? found_inf, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
     ),
     doc=(
         "One AdamW step with fp32 moments over a list of parameters (amsgrad when max_exp_avg_sqs is given, "
-        "gradients scaled by gnorm_scales, max_unorm, skip_zeros); advances each step count by one. A nonzero "
-        "found_inf (torch.amp.GradScaler's) skips the step: nothing changes."
+        "gradients scaled by gnorm_scales, max_unorm, skip_zeros); advances each step count by one. lr (float32) "
+        "and betas (float64 [beta1, beta2]) are tensors, read by the kernels. A nonzero found_inf "
+        "(torch.amp.GradScaler's) skips the step: nothing changes."
     ),
     fake=adam_fake,
     reference=adam_reference,
@@ -408,8 +412,7 @@ ADAM8BIT_STEP = OpInfo(
     schema=(
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] state3, "
         "Tensor(e!)[] steps, Tensor(f!)[] absmax1, Tensor(g!)[] absmax2, Tensor(h!)[] absmax3, "
-        "Tensor qmap1, Tensor qmap2, Tensor lr, Tensor? gnorm_scales, Tensor? found_inf, float beta1, float beta2, "
-        "float eps, "
+        "Tensor qmap1, Tensor qmap2, Tensor lr, Tensor betas, Tensor? gnorm_scales, Tensor? found_inf, float eps, "
         "float weight_decay, float max_unorm, bool skip_zeros, bool block_wise) -> ()"
     ),
     doc=(

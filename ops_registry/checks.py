@@ -77,12 +77,6 @@ def check_numel(op: str, what: str, t: torch.Tensor, want: int) -> None:
     torch._check_value(t.numel() == want, lambda: f"{op}: {what} has {t.numel()} elements; expected {want}")
 
 
-def check_range(op: str, name: str, value: float, lo: float, hi: float) -> None:
-    torch._check_value(
-        lo <= value < hi, lambda: f"{op}: {name} must be in [{num(lo)}, {num(hi)}), got {num(value)}"
-    )
-
-
 def check_nonnegative(op: str, name: str, value: float) -> None:
     torch._check_value(value >= 0.0, lambda: f"{op}: {name} must be >= 0, got {num(value)}")
 
@@ -114,8 +108,7 @@ def check_adam_common(
     states: Sequence[tuple[str, Sequence[torch.Tensor], torch.dtype, bool]],
     steps: Sequence[torch.Tensor],
     lr: torch.Tensor,
-    beta1: float,
-    beta2: float,
+    betas: torch.Tensor,
     eps: float,
     weight_decay: float,
 ) -> None:
@@ -129,16 +122,17 @@ def check_adam_common(
         else:
             check_length(op, name, len(tensors), "params", n)
     check_length(op, "steps", len(steps), "params", n)
-    check_range(op, "beta1", beta1, 0.0, 1.0)
-    check_range(op, "beta2", beta2, 0.0, 1.0)
     check_nonnegative(op, "eps", eps)
     check_nonnegative(op, "weight_decay", weight_decay)
     check_dtype(op, "lr", lr, (torch.float32,))
     check_numel(op, "lr", lr, 1)
+    check_dtype(op, "betas", betas, (torch.float64,))  # values unchecked, as lr's (a sync on CUDA)
+    check_numel(op, "betas", betas, 2)
     if n == 0:
         return
     device = params[0].device
     check_device(op, "lr", lr, device)
+    check_device(op, "betas", betas, device)
     for i in range(n):
         p = f"params[{i}]"
         check_dtype(op, p, params[i], PARAM_DTYPES)

@@ -20,6 +20,9 @@ OPTIONS = {
 SCHEDULERS = {
     "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (t + 1)),
     "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50),
+    # changes beta1 too, at every step, as a Python float
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=60,
+                                                                  cycle_momentum=True),
 }
 
 
@@ -62,7 +65,40 @@ def test_compiled_step_with_scheduler_does_not_recompile(cls, options, scheduler
         twin_opt.step()
         sched.step()
         twin_sched.step()
-    # A tensor lr never recompiles; a float one once, when its first change makes it a graph input.
-    assert counters["stats"]["unique_graphs"] == (1 if lr_kind == "tensor" else 2), dict(counters["stats"])
+    # A tensor lr never recompiles; a float one (lr, or OneCycleLR's beta1) once, when its first
+    # change makes it a graph input.
+    floats = lr_kind == "float" or scheduler == "OneCycleLR"
+    assert counters["stats"]["unique_graphs"] == (2 if floats else 1), dict(counters["stats"])
+    for p, q in zip(params, twin):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_dynamic_compile_never_recompiles_with_float_lr_and_betas(cls):
+    """compile(dynamic=True) makes Python floats graph inputs from the start: OneCycleLR changing a
+    float lr and beta1 at every step compiles once, and matches eager."""
+    torch.manual_seed(0)
+    params, opt = make(cls, 1e-2, {})
+    twin = copies(params)
+    twin_opt = cls(twin, lr=1e-2)
+    for p, q in zip(params, twin):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    twin_opt.step()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(opt.step, fullgraph=True, dynamic=True)
+    sched, twin_sched = SCHEDULERS["OneCycleLR"](opt), SCHEDULERS["OneCycleLR"](twin_opt)
+    for _ in range(50):
+        for p, q in zip(params, twin):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        compiled()
+        twin_opt.step()
+        sched.step()
+        twin_sched.step()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert opt.param_groups[0]["betas"][0] != 0.95  # the scheduler did move beta1
     for p, q in zip(params, twin):
         assert torch.equal(p.detach(), q.detach())

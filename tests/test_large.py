@@ -251,8 +251,9 @@ def _adam8bit_args(params, block_wise, absmax_numel=None):
     states = [[torch.empty_like(p, dtype=torch.uint8) for p in params] for _ in range(3)]
     absmax = [[torch.zeros(b) for b in blocks] for _ in range(3)]
     return ((params, [torch.empty_like(p) for p in params], *states, [torch.zeros(()) for _ in params], *absmax,
-             torch.empty(256), torch.empty(256), torch.tensor(1e-3), torch.ones(n), torch.zeros(())),
-            dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_unorm=0.0, skip_zeros=False,
+             torch.empty(256), torch.empty(256), torch.tensor(1e-3), torch.tensor([0.9, 0.999], dtype=torch.float64), torch.ones(n),
+             torch.zeros(())),
+            dict(eps=1e-8, weight_decay=0.0, max_unorm=0.0, skip_zeros=False,
                  block_wise=block_wise))
 
 
@@ -267,7 +268,7 @@ def test_adam_fakes_accept_huge_parameters():
             torch.ops.adam8.adam8bit_step(*args, **kwargs)
         moments = [[torch.empty_like(p, dtype=torch.float32) for p in params] for _ in range(3)]
         torch.ops.adam8.adam_step(params, [torch.empty_like(p) for p in params], *moments,
-                                  [torch.zeros(()) for _ in params], torch.tensor(1e-3), None, None, beta1=0.9, beta2=0.999,
+                                  [torch.zeros(()) for _ in params], torch.tensor(1e-3), torch.tensor([0.9, 0.999], dtype=torch.float64), None, None,
                                   eps=1e-8, weight_decay=0.0, max_unorm=1.0, skip_zeros=True)
         grads = [torch.empty(HUGE, dtype=torch.float16), torch.empty(7)]
         torch.ops.adam8.percentile_clipping(grads, [torch.empty(HISTORY) for _ in grads],

@@ -101,7 +101,8 @@ def test_half_precision_parameters(cls, dtype):
     opt = cls(params, lr=1e-2, weight_decay=0.01)
     for _ in range(10):
         set_grads(params)
-        adam_reference(shadow, [p.grad for p in params], m, v, [], steps, torch.tensor(1e-2), None, None, 0.9, 0.999, 1e-8,
+        betas = torch.tensor([0.9, 0.999], dtype=torch.float64)
+        adam_reference(shadow, [p.grad for p in params], m, v, [], steps, torch.tensor(1e-2), betas, None, None, 1e-8,
                        0.01, 0.0, False)
         opt.step()
     rtol = 2 * EPS[dtype] if cls is Adam32bit else 0.05

@@ -64,13 +64,14 @@ class Reference:
             if self.clip < 100:
                 scales = torch.empty(1)
                 clipping_reference([g], [st["gnorm"]], [st["step"]], self.clip, scales)
-            hyper = dict(beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD, **self.opts)
+            hyper = dict(eps=EPS, weight_decay=WD, **self.opts)
+            betas = torch.tensor(BETAS, dtype=torch.float64)
             s, a = st["s"], st["a"]
             if eight:
                 adam8bit_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], [a[0]], [a[1]], a[2:],
-                                   self.qmap1, self.qmap2, lr, scales, None, block_wise=self.block_wise, **hyper)
+                                   self.qmap1, self.qmap2, lr, betas, scales, None, block_wise=self.block_wise, **hyper)
             else:
-                adam_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], lr, scales, None, **hyper)
+                adam_reference([p.data], [g], [s[0]], [s[1]], s[2:], [st["step"]], lr, betas, scales, None, **hyper)
 
 
 def run(cls, options, eight_bit, grads_per_step):

@@ -136,9 +136,11 @@ def test_compiled_step_keeps_states_paged_and_in_place(paged_cls):
     now = {(id(p), k): v.inner.data_ptr() for p in params for k, v in opt.state[p].items()
            if isinstance(v, PagedTensor)}
     assert now == inner
-    ops = [line.split("(")[0] for line in graphs[-1].splitlines()[:-1]]
-    assert ops and all(op.startswith("adam8.") for op in ops), graphs[-1]
-    assert "adam8.prefetch.default" in ops
+    lines = graphs[-1].splitlines()[:-1]
+    ops = [line.split("(")[0] for line in lines]
+    assert "adam8.prefetch.default" in ops and ("adam8.adam8bit_step.default" in ops or "adam8.adam_step.default" in ops)
+    for line in lines:  # besides the adam8 ops only constants (the betas tensor): no input is read
+        assert line.startswith("adam8.") or "#" not in line, graphs[-1]
 
 
 @pytest.mark.parametrize("device", DEVICES)

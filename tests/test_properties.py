@@ -171,8 +171,9 @@ def _adam_build(case, eight_bit: bool) -> SampleInput:
         i = names.index(name)
         args[i] = [t.permute(perm) for t, (_, perm) in zip(args[i], case["layouts"])]
     args[names.index("lr")] = torch.tensor(case["lr"], dtype=torch.float32)
+    args[names.index("betas")] = torch.tensor([case["beta1"], case["beta2"]], dtype=torch.float64)
     kwargs = dict(sample.kwargs)
-    kwargs.update({k: case[k] for k in ("beta1", "beta2", "eps", "weight_decay", "max_unorm", "skip_zeros")})
+    kwargs.update({k: case[k] for k in ("eps", "weight_decay", "max_unorm", "skip_zeros")})
     if eight_bit:
         assert kwargs["block_wise"] == case["block_wise"]
     return SampleInput(tuple(args), kwargs)
@@ -380,8 +381,8 @@ def _unorm_case():
     max_unorm = 1e-4: only element 0 is updated, so the clipped step is computed by hand."""
     lr, beta1, beta2, max_unorm = 1e-2, 0.9, 0.999, 1e-4
     args = ([torch.ones(2)], [torch.tensor([1.0, 0.0])], [torch.zeros(2)], [torch.zeros(2)], [], [torch.tensor(0.0)],
-            torch.tensor(lr), None, None)
-    kwargs = dict(beta1=beta1, beta2=beta2, eps=0.0, weight_decay=0.0, max_unorm=max_unorm, skip_zeros=True)
+            torch.tensor(lr), torch.tensor([beta1, beta2], dtype=torch.float64), None, None)
+    kwargs = dict(eps=0.0, weight_decay=0.0, max_unorm=max_unorm, skip_zeros=True)
     bc1, bc2 = 1 - beta1, 1 - beta2
     direction = (1 - beta1) / ((1 - beta2) ** 0.5 / bc2**0.5)  # m_new / (sqrt(v_new) / sqrt(bc2)) = 0.1
     unorm, limit = direction / bc1, max_unorm * 2**0.5

@@ -21,6 +21,14 @@ def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.float32, device=device) * lr
 
 
+def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[beta1, beta2] as the float64 tensor the ops read: like lr, never a constant of a compiled
+    graph, so a scheduler changing beta1 (OneCycleLR's cycle_momentum) does not recompile."""
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return torch.stack([one * b if not isinstance(b, torch.Tensor) else b.to(device, torch.float64).reshape(())
+                        for b in (beta1, beta2)])
+
+
 def percentile_clipping(grads: Tensors, gnorm_vecs: Tensors, steps: Tensors, percentile: int) -> torch.Tensor:
     """Records each gradient's squared norm in its 100-step history (``gnorm_vecs``; ``steps`` are
     the counts before this step) and returns the factors, one per gradient, that clip each to the
@@ -40,8 +48,8 @@ def adam(
     steps: Tensors,
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
     max_exp_avg_sqs: Tensors = (),
@@ -57,10 +65,11 @@ def adam(
     step counts included, where nonzero; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options."""
     if not params:
         return
+    device = params[0].device
     torch.ops.adam8.adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs), steps, lr_tensor(lr, params[0].device),
-        gnorm_scales, found_inf, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_unorm=max_unorm,
-        skip_zeros=skip_zeros,
+        params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs), steps, lr_tensor(lr, device),
+        betas_tensor(beta1, beta2, device), gnorm_scales, found_inf, eps=eps, weight_decay=weight_decay,
+        max_unorm=max_unorm, skip_zeros=skip_zeros,
     )
 
 
@@ -76,8 +85,8 @@ def adam8bit(
     qmap2: torch.Tensor,
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
     state3: Tensors = (),
@@ -96,6 +105,6 @@ def adam8bit(
         return
     torch.ops.adam8.adam8bit_step(
         params, grads, state1, state2, list(state3), steps, absmax1, absmax2, list(absmax3), qmap1, qmap2,
-        lr_tensor(lr, params[0].device), gnorm_scales, found_inf, beta1=beta1, beta2=beta2, eps=eps,
+        lr_tensor(lr, params[0].device), betas_tensor(beta1, beta2, params[0].device), gnorm_scales, found_inf, eps=eps,
         weight_decay=weight_decay, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise,
     )

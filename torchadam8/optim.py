@@ -244,6 +244,13 @@ class Adam(torch.optim.Optimizer):
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
         return config
 
+    def _check_betas(self, betas, where: str) -> None:
+        """The kernels read betas from a tensor without checking them (that would sync on CUDA):
+        check float betas here, before anything changes (a scheduler may have set them)."""
+        for i, b in enumerate(betas):
+            if not isinstance(b, torch.Tensor) and not 0.0 <= b < 1.0:
+                raise ValueError(f"{type(self).__name__}: {where}: beta{i + 1} must be in [0, 1), got {b}")
+
     def _current_overrides(self) -> list[list[dict[str, Any]]]:
         if self._overrides_version != self._manager.version:
             self._read_overrides()
@@ -309,8 +316,8 @@ class Adam(torch.optim.Optimizer):
         if paged:
             torch.ops.adam8.page_out(paged)
 
-    def _checked_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> torch.Tensor:
-        """p.grad, or a clear error naming the parameter; laid out like p."""
+    def _check_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> None:
+        """A clear error naming the parameter when p.grad cannot be used."""
         g = p.grad
         if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
             where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
@@ -322,11 +329,57 @@ class Adam(torch.optim.Optimizer):
             if g.shape != p.shape:
                 raise ValueError(f"{where}: its gradient has shape {list(g.shape)}; it must match the parameter's")
             raise ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
-        if g.stride() != p.stride() and p.numel() > 1:
-            g = torch.empty_like(p).copy_(g)  # the kernels walk p and g in the same memory order
-        return g
 
     # ------------------------------------------------------------ step
+    def _init_group(self, group: dict[str, Any], tensors: list, check_all: bool) -> tuple:
+        """The per-parameter work of a step for one group, done in plain Python: checks the
+        gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
+        anything changes), makes missing state, and sorts the parameters into batches (one op call
+        each). Appends each batch's tensors to ``tensors`` and returns the batches' layout, a
+        constant. torch.compile runs this method eagerly, at trace time, instead of tracing it
+        (torch._dynamo's OptimizerVariable does so for any optimizer's ``_init_group``), guards on
+        what it read, and marks the state tensors static for CUDA graphs: the traced step holds only
+        the ops, and compiles in a fraction of the time."""
+        if check_all:
+            for gi, g in enumerate(self.param_groups):
+                for pi, p in enumerate(g["params"]):
+                    if p.grad is not None:
+                        self._check_grad(p, gi, pi)
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        overrides = self._current_overrides()[gi]
+        group_config = self._group_config(gi)
+        batches: dict[tuple, tuple[_Batch, list[int]]] = {}
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            over = overrides[pi]
+            config = {**group_config, **over} if over else group_config
+            state = self.state[p]
+            if not state:
+                self._init_state(p, config)
+            clip = config["percentile_clipping"]
+            if clip < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
+                state["gnorm_vec"] = p.grad.float().square().sum().expand(100).clone()
+            eight_bit = state["state1"].dtype == torch.uint8
+            # The state's layout decides (a later override cannot reshape it).
+            block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
+            # Parameters share a call when they share these; the group's hyperparameters are common
+            # to all (and left out, to be read by the traced step: a float lr here would be a constant).
+            pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS) if over else ()
+            key = (str(p.device), eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
+                   config["skip_zeros"], pinned)
+            batch, strided = batches.setdefault(key, (_Batch(), []))
+            if p.grad.stride() != p.stride() and p.numel() > 1:
+                strided.append(len(batch.params))  # copied to p's layout by the step: the kernels walk both alike
+            batch.add(p, p.grad, state)
+        layout = []
+        for key, (batch, strided) in batches.items():
+            lists = [getattr(batch, name) for name in _Batch.__slots__]
+            for values in lists:
+                tensors.extend(values)
+            layout.append((key, tuple(len(values) for values in lists), tuple(strided)))
+        return tuple(layout)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step; parameters without a gradient are skipped."""
@@ -334,67 +387,52 @@ class Adam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every gradient first, so a bad one leaves parameters and state untouched (the ops
-        # check betas, eps and weight_decay before they change anything).
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    params.append((pi, p))
-                    grads.append(self._checked_grad(p, gi, pi))
-            work.append((gi, params, grads))
-        overrides = self._current_overrides()
         amp = _AmpState(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        for gi, params, grads in work:
-            # One op call per state kind and options: a handful per group, whatever its size.
-            batches: dict[tuple, tuple[dict, _Batch]] = {}
-            group_config = self._group_config(gi)
-            for (pi, p), g in zip(params, grads):
-                over = overrides[gi][pi]
-                config = {**group_config, **over} if over else group_config
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, config)
-                clip = config["percentile_clipping"]
-                if clip < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
-                    state["gnorm_vec"] = g.float().square().sum().expand(100).clone()
-                eight_bit = state["state1"].dtype == torch.uint8
-                # The state's layout decides (a later override cannot reshape it).
-                block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
-                # Parameters share a call when they share these; the group's hyperparameters are
-                # common to all (and left out: a key holding the float lr would make a compiled step
-                # guard on its value, recompiling whenever a scheduler changes it).
-                pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS) if over else ()
-                key = (p.device, eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
-                       config["skip_zeros"], pinned)
-                batch = batches.get(key)
-                if batch is None:
-                    batch = batches[key] = (config, _Batch())
-                batch[1].add(p, g, state)
-            for (device, eight_bit, _, block_wise, clip, *_), (config, b) in batches.items():
-                inv_scale, found_inf = amp.get(device) if amp else (None, None)
-                if clip < 100:
-                    if inv_scale is not None:  # the norms of the history are of unscaled gradients
-                        torch._foreach_mul_(b.grads, inv_scale)
-                    scales = F.percentile_clipping(b.grads, b.gnorm_vecs, b.steps, clip)
-                else:
-                    scales = None if inv_scale is None else inv_scale.reshape(1).expand(len(b.params)).contiguous()
-                options = dict(lr=config["lr"], beta1=config["betas"][0], beta2=config["betas"][1], eps=config["eps"],
-                               weight_decay=config["weight_decay"], gnorm_scales=scales, found_inf=found_inf,
-                               max_unorm=config["max_unorm"], skip_zeros=config["skip_zeros"])
-                paged = [t for t in (*b.state1, *b.state2, *b.state3) if isinstance(t, PagedTensor)]
-                if paged:
-                    torch.ops.adam8.prefetch(paged)
-                if eight_bit:
-                    F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2,
-                               *self._qmap(device), state3=b.state3, absmax3=b.absmax3, block_wise=block_wise,
-                               **options)
-                else:
-                    F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
-                if paged and self._page_out_after_step:
-                    torch.ops.adam8.page_out(paged)
+        for gi, group in enumerate(self.param_groups):
+            self._check_betas(group["betas"], f"group {gi}")
+        for gi, group in enumerate(self.param_groups):
+            tensors: list = []
+            layout = self._init_group(group, tensors, gi == 0)
+            if self._overrides_version != self._manager.version:  # (compiled: a guard, so new overrides retrace)
+                raise RuntimeError("torchadam8: GlobalOptimManager overrides changed during a step")
+            hyper = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+            pos = 0
+            for key, counts, strided in layout:
+                _, eight_bit, _, block_wise, clip, max_unorm, skip_zeros, pinned = key
+                b = _Batch()
+                for name, count in zip(_Batch.__slots__, counts):
+                    setattr(b, name, tensors[pos:pos + count])
+                    pos += count
+                for i in strided:
+                    b.grads[i] = torch.empty_like(b.params[i]).copy_(b.grads[i])
+                self._run_batch(b, {**hyper, **dict(pinned)}, eight_bit, block_wise, clip, max_unorm, skip_zeros,
+                                amp)
         return loss
+
+    def _run_batch(self, b: _Batch, hyper: dict, eight_bit: bool, block_wise: bool, clip: int, max_unorm: float,
+                   skip_zeros: bool, amp: _AmpState) -> None:
+        """One op call: the update of a batch of parameters sharing their state kind and options."""
+        device = b.params[0].device
+        inv_scale, found_inf = amp.get(device) if amp else (None, None)
+        if clip < 100:
+            if inv_scale is not None:  # the norms of the history are of unscaled gradients
+                torch._foreach_mul_(b.grads, inv_scale)
+            scales = F.percentile_clipping(b.grads, b.gnorm_vecs, b.steps, clip)
+        else:
+            scales = None if inv_scale is None else inv_scale.reshape(1).expand(len(b.params)).contiguous()
+        options = dict(lr=hyper["lr"], beta1=hyper["betas"][0], beta2=hyper["betas"][1], eps=hyper["eps"],
+                       weight_decay=hyper["weight_decay"], gnorm_scales=scales, found_inf=found_inf,
+                       max_unorm=max_unorm, skip_zeros=skip_zeros)
+        paged = [t for t in (*b.state1, *b.state2, *b.state3) if isinstance(t, PagedTensor)]
+        if paged:
+            torch.ops.adam8.prefetch(paged)
+        if eight_bit:
+            F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2, *self._qmap(device),
+                       state3=b.state3, absmax3=b.absmax3, block_wise=block_wise, **options)
+        else:
+            F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
+        if paged and self._page_out_after_step:
+            torch.ops.adam8.page_out(paged)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -78,11 +78,13 @@ bool skipped(const c10::optional<at::Tensor>& found_inf) {
 }
 
 // Advances every step count by one and returns each tensor's constants for the new count
-// (lr, step and gnorm_scales tensors are in host memory: no sync).
-std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& lr,
-                                       const c10::optional<at::Tensor>& gnorm_scales, double beta1, double beta2,
-                                       double eps, double weight_decay) {
+// (lr, betas, step and gnorm_scales tensors are in host memory: no sync).
+std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
+                                       const c10::optional<at::Tensor>& gnorm_scales, double eps,
+                                       double weight_decay) {
   const double lr_value = *lr.data_ptr<float>();
+  const at::Tensor b = betas.contiguous();
+  const double beta1 = b.data_ptr<double>()[0], beta2 = b.data_ptr<double>()[1];
   const float* scales = gnorm_scales.has_value() ? gnorm_scales->data_ptr<float>() : nullptr;
   std::vector<AdamScalars> out;
   out.reserve(steps.size());
@@ -259,13 +261,13 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
 }  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
+               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
                double weight_decay, double max_unorm, bool skip_zeros) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2, eps,
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas, gnorm_scales, found_inf, eps,
                   weight_decay, max_unorm);
   if (skipped(found_inf)) return;
-  auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
+  auto scalars = advance_steps(steps, lr, betas, gnorm_scales, eps, weight_decay);
   const auto tasks = split_tasks(params, kTaskElems);
   dispatch_bool(!max_exp_avg_sqs.empty(), [&](auto amsgrad) {
     constexpr bool A = decltype(amsgrad)::value;
@@ -293,13 +295,13 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                    at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
-                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
-                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
+                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr, const at::Tensor& betas,
+                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
                    double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
   check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                      gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+                      betas, gnorm_scales, found_inf, eps, weight_decay, max_unorm, block_wise);
   if (skipped(found_inf)) return;
-  auto scalars = advance_steps(steps, lr, gnorm_scales, beta1, beta2, eps, weight_decay);
+  auto scalars = advance_steps(steps, lr, betas, gnorm_scales, eps, weight_decay);
   const HostLut lut1 = build_lut(qmap1.contiguous().data_ptr<float>());
   const HostLut lut2 = build_lut(qmap2.contiguous().data_ptr<float>());
   const Codes codes{lut1.view(), lut2.view()};

@@ -21,15 +21,15 @@ namespace {
 __device__ __forceinline__ bool skip_step(const float* skip) { return skip != nullptr && *skip != 0.0f; }
 
 struct Hyper {
-  double beta1, beta2, eps, weight_decay, max_unorm;
+  double eps, weight_decay, max_unorm;
 };
 
 template <class P>
-__global__ void scalars_kernel(P pack, const float* lr, Hyper h, AdamScalars* out) {
+__global__ void scalars_kernel(P pack, const float* lr, const double* betas, Hyper h, AdamScalars* out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t < pack.count) {
     const float grad_scale = pack.scale[t] != nullptr ? *pack.scale[t] : 1.0f;
-    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, h.beta1, h.beta2, h.eps, h.weight_decay,
+    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, betas[0], betas[1], h.eps, h.weight_decay,
                           grad_scale);
   }
 }
@@ -48,14 +48,16 @@ struct Scratch {
 };
 
 template <class P>
-Scratch launch_scalars(const P& pack, const at::Tensor& lr, const Hyper& h, bool with_stats, cudaStream_t stream) {
+Scratch launch_scalars(const P& pack, const at::Tensor& lr, const at::Tensor& betas, const Hyper& h, bool with_stats,
+                       cudaStream_t stream) {
   const int64_t n = pack.count;
   Scratch s;
   s.bytes = at::zeros({n * static_cast<int64_t>(sizeof(AdamScalars) + (with_stats ? sizeof(StepStats) : 0))},
                       lr.options().dtype(at::kByte));
   s.scalars = reinterpret_cast<AdamScalars*>(s.bytes.data_ptr());
   s.stats = with_stats ? reinterpret_cast<StepStats*>(s.scalars + n) : nullptr;
-  scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), h, s.scalars);
+  scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), betas.data_ptr<double>(), h,
+                                                                s.scalars);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return s;
 }
@@ -381,15 +383,16 @@ const float* skip_ptr(const c10::optional<at::Tensor>& found_inf) {
 }  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
-               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
+               const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
                double weight_decay, double max_unorm, bool skip_zeros) {
-  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, gnorm_scales, found_inf, beta1, beta2, eps,
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas, gnorm_scales, found_inf, eps,
                   weight_decay, max_unorm);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
+  const Hyper h{eps, weight_decay, max_unorm};
+  const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0;
   const float* skip = skip_ptr(found_inf);
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
@@ -399,7 +402,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       for_each_pack<5, 384>(
           gather_lists<5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, idx), select(steps, idx),
           slots(gnorm_scales, idx), [&](const Pack32& pack, int32_t grid) {
-            const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
+            const Scratch s = launch_scalars(pack, lr, betas_c, h, with_stats, stream);
             if (with_stats) {
               adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats, skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -415,17 +418,18 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                    at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
-                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
-                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double beta1, double beta2, double eps,
+                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr, const at::Tensor& betas,
+                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
                    double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
   check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
-                      gnorm_scales, found_inf, beta1, beta2, eps, weight_decay, max_unorm, block_wise);
+                      betas, gnorm_scales, found_inf, eps, weight_decay, max_unorm, block_wise);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor code1 = qmap1.contiguous(), code2 = qmap2.contiguous();
   const at::Tensor luts = build_luts({code1, code2});
-  const Hyper h{beta1, beta2, eps, weight_decay, max_unorm};
+  const Hyper h{eps, weight_decay, max_unorm};
+  const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0 || !block_wise;
   const float* skip = skip_ptr(found_inf);
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
@@ -435,7 +439,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
       for_each_pack<8, 256>(
           gather_lists<8>({params, grads, state1, state2, state3, absmax1, absmax2, absmax3}, idx),
           select(steps, idx), slots(gnorm_scales, idx), [&](const Pack8& pack, int32_t chunks) {
-            const Scratch s = launch_scalars(pack, lr, h, with_stats, stream);
+            const Scratch s = launch_scalars(pack, lr, betas_c, h, with_stats, stream);
             if (with_stats) {
               adam8bit_stats_kernel<A, T><<<chunks, kThreads, 0, stream>>>(
                   pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats,
