@@ -24,9 +24,12 @@ def assert_equal(actual, expected) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, scale_tol: float, what: str):
-    """|actual - expected| <= rtol * |expected| + scale_tol * max|expected|, elementwise, over the
-    finite values; NaN and inf must sit at the same places in both."""
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, scale_tol: float, what: str,
+                        magnitude: torch.Tensor | None = None):
+    """|actual - expected| <= rtol * m + scale_tol * max(m), elementwise, over the finite values,
+    where m = |expected|, or max(|expected|, magnitude) when the result came from terms of that
+    size (p - update rounds to ulps of p and of the update, however much of them cancels); NaN
+    and inf must sit at the same places in both."""
     a, e = actual.double(), expected.double()
     if e.numel() == 0:
         return
@@ -36,7 +39,10 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
         raise AssertionError(f"{what}: non-finite values differ; first at {i}: {a[i].item()!r} vs {e[i].item()!r}")
     finite = e.isfinite()
     a, e = torch.where(finite, a, 0.0), torch.where(finite, e, 0.0)
-    bound = rtol * e.abs() + scale_tol * e.abs().max()
+    m = e.abs()
+    if magnitude is not None:
+        m = torch.maximum(m, torch.where(finite, magnitude.double().abs(), 0.0))
+    bound = rtol * m + scale_tol * m.max()
     bad = (a - e).abs() > bound
     if bad.any():
         i = int(bad.nonzero()[0, 0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())

@@ -35,6 +35,8 @@ def parameter_sets(device: str) -> dict[str, list[tuple[int, ...]]]:
         "single": [(16 * 2**20,)] if device == "cpu" else [(2**30,)],
         "gpt2-medium": [(vocab, d), (1024, d)] + block * layers + [(d,), (d,)],
         "small-many": [(4096,)] * 10_000,
+        # GPT-2-medium's tensor count with 8 elements each: the step's host work alone
+        "host-overhead": [(8,)] * 292,
     }
 
 
@@ -248,7 +250,7 @@ def compile_times(device: str, scale: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", default=None, help="comma-separated: single, gpt2-medium, small-many "
+    parser.add_argument("--sets", default=None, help="comma-separated: single, gpt2-medium, small-many, host-overhead "
                         "(default: single on CPU, all three on GPU)")
     parser.add_argument("--dtypes", default=None, help="comma-separated: fp32, bf16, fp16 (default: fp32 on CPU, fp32,bf16 on GPU)")
     parser.add_argument("--numel", type=int, default=None, help="elements of the 'single' set")

@@ -10,6 +10,28 @@ import torch
 
 Tensors = Sequence[torch.Tensor]
 
+# Eager steps reuse the tensor of an unchanged float lr / betas (no kernel launches per step).
+# Never while compiling (the graph must compute it from the float) or capturing a CUDA graph (the
+# graph must own its memory: a cached tensor could be freed while the graph still reads it).
+_eager_constants: dict[tuple, torch.Tensor] = {}
+
+
+def _eager_constant(key: tuple, make) -> torch.Tensor:
+    device = key[0]
+    if torch.compiler.is_compiling():
+        return make()
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return make()
+        # used only on the stream that made it, so dropping it later cannot race a reader
+        key += (torch.cuda.current_stream(device).stream_id,)
+    value = _eager_constants.get(key)
+    if value is None:
+        if len(_eager_constants) >= 64:  # a scheduler's values: keep the recent ones only
+            _eager_constants.clear()
+        value = _eager_constants[key] = make()
+    return value
+
 
 def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The learning rate as the float32 scalar tensor the ops read (a tensor, never a constant
@@ -18,15 +40,21 @@ def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         return lr.to(device=device, dtype=torch.float32).reshape(())
     # ones * lr, not torch.full / torch.tensor: compiled, a float lr then becomes a graph input after
     # its first change (those specialize on its value and recompile at every change).
-    return torch.ones((), dtype=torch.float32, device=device) * lr
+    return _eager_constant((torch.device(device), "lr", lr),
+                           lambda: torch.ones((), dtype=torch.float32, device=device) * lr)
 
 
 def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """[beta1, beta2] as the float64 tensor the ops read: like lr, never a constant of a compiled
     graph, so a scheduler changing beta1 (OneCycleLR's cycle_momentum) does not recompile."""
-    one = torch.ones((), dtype=torch.float64, device=device)
-    return torch.stack([one * b if not isinstance(b, torch.Tensor) else b.to(device, torch.float64).reshape(())
-                        for b in (beta1, beta2)])
+    def make():
+        one = torch.ones((), dtype=torch.float64, device=device)
+        return torch.stack([one * b if not isinstance(b, torch.Tensor) else b.to(device, torch.float64).reshape(())
+                            for b in (beta1, beta2)])
+
+    if isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+        return make()
+    return _eager_constant((torch.device(device), "betas", beta1, beta2), make)
 
 
 def percentile_clipping(grads: Tensors, gnorm_vecs: Tensors, steps: Tensors, percentile: int) -> torch.Tensor:

@@ -316,9 +316,8 @@ class Adam(torch.optim.Optimizer):
         if paged:
             torch.ops.adam8.page_out(paged)
 
-    def _check_grad(self, p: torch.Tensor, gindex: int, pindex: int) -> None:
-        """A clear error naming the parameter when p.grad cannot be used."""
-        g = p.grad
+    def _check_grad(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> None:
+        """A clear error naming the parameter when its gradient g cannot be used."""
         if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
             where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
             if g.is_sparse:
@@ -343,14 +342,16 @@ class Adam(torch.optim.Optimizer):
         if check_all:
             for gi, g in enumerate(self.param_groups):
                 for pi, p in enumerate(g["params"]):
-                    if p.grad is not None:
-                        self._check_grad(p, gi, pi)
+                    grad = p.grad
+                    if grad is not None:
+                        self._check_grad(p, grad, gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides()[gi]
         group_config = self._group_config(gi)
         batches: dict[tuple, tuple[_Batch, list[int]]] = {}
         for pi, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
             over = overrides[pi]
             config = {**group_config, **over} if over else group_config
@@ -359,7 +360,7 @@ class Adam(torch.optim.Optimizer):
                 self._init_state(p, config)
             clip = config["percentile_clipping"]
             if clip < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
-                state["gnorm_vec"] = p.grad.float().square().sum().expand(100).clone()
+                state["gnorm_vec"] = grad.float().square().sum().expand(100).clone()
             eight_bit = state["state1"].dtype == torch.uint8
             # The state's layout decides (a later override cannot reshape it).
             block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
@@ -368,10 +369,13 @@ class Adam(torch.optim.Optimizer):
             pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS) if over else ()
             key = (str(p.device), eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
                    config["skip_zeros"], pinned)
-            batch, strided = batches.setdefault(key, (_Batch(), []))
-            if p.grad.stride() != p.stride() and p.numel() > 1:
+            entry = batches.get(key)
+            if entry is None:
+                entry = batches[key] = (_Batch(), [])
+            batch, strided = entry
+            if grad.stride() != p.stride() and p.numel() > 1:
                 strided.append(len(batch.params))  # copied to p's layout by the step: the kernels walk both alike
-            batch.add(p, p.grad, state)
+            batch.add(p, grad, state)
         layout = []
         for key, (batch, strided) in batches.items():
             lists = [getattr(batch, name) for name in _Batch.__slots__]
@@ -423,7 +427,7 @@ class Adam(torch.optim.Optimizer):
         options = dict(lr=hyper["lr"], beta1=hyper["betas"][0], beta2=hyper["betas"][1], eps=hyper["eps"],
                        weight_decay=hyper["weight_decay"], gnorm_scales=scales, found_inf=found_inf,
                        max_unorm=max_unorm, skip_zeros=skip_zeros)
-        paged = [t for t in (*b.state1, *b.state2, *b.state3) if isinstance(t, PagedTensor)]
+        paged = [t for t in (*b.state1, *b.state2, *b.state3) if isinstance(t, PagedTensor)] if self._paged else []
         if paged:
             torch.ops.adam8.prefetch(paged)
         if eight_bit:
