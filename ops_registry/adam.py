@@ -188,7 +188,8 @@ def _option_kwargs(options, n, device):
     if "gnorm_scales" in options:  # some 1 (no clipping), others a factor in (0.05, 1)
         scales = torch.where(torch.rand(n, device=device) < 0.3, 1.0, torch.rand(n, device=device) * 0.95 + 0.05)
     if "found_inf" in options:  # alone: a skipped step (nothing changes); with the others: a taken one
-        found_inf = torch.tensor(1.0 if options == ("found_inf",) else 0.0, device=device)
+        # (0-dim, and GradScaler's own shape (1,))
+        found_inf = torch.tensor(1.0, device=device) if options == ("found_inf",) else torch.zeros(1, device=device)
     return scales, found_inf, {
         "max_unorm": random.choice((1e-3, 0.02)) if "max_unorm" in options else 0.0,
         "skip_zeros": "skip_zeros" in options,

@@ -342,6 +342,22 @@ def test_bad_gradients_raise_and_change_nothing(cls, breaker, error, regex):
     assert_same(before, snapshot(opt, params))
 
 
+@pytest.mark.parametrize("key,value,message", [("eps", -1.0, "group 1: eps must be >= 0, got -1.0"),
+                                               ("weight_decay", -0.5, "group 1: weight_decay must be >= 0, got -0.5"),
+                                               ("lr", -1e-3, "group 1: lr must be >= 0, got -0.001")])
+def test_bad_value_in_a_later_group_is_rejected_before_any_change(key, value, message):
+    params = make_params()
+    opt = Adam8bit([{"params": params[:2]}, {"params": params[2:]}])
+    set_grads(params)
+    opt.step()
+    set_grads(params)
+    opt.param_groups[1][key] = value
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_same(before, snapshot(opt, params))
+
+
 def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_change():
     params, opt = _trained()
     set_grads(params)

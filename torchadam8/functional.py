@@ -18,7 +18,7 @@ _eager_constants: dict[tuple, torch.Tensor] = {}
 
 def _eager_constant(key: tuple, make) -> torch.Tensor:
     device = key[0]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # traced, or under a mode
         return make()
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():

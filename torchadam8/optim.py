@@ -84,10 +84,11 @@ class _AmpState:
     def get(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if device not in self.by_device:
             inv = found = None
+            async_copy = device.type == "cuda"  # to the host, a non-blocking copy could be read before it lands
             if self.grad_scale is not None:
-                inv = self.grad_scale.to(device=device, dtype=torch.float32, non_blocking=True).reciprocal()
+                inv = self.grad_scale.to(device=device, dtype=torch.float32, non_blocking=async_copy).reciprocal()
             if self.found_inf is not None:
-                found = self.found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+                found = self.found_inf.to(device=device, dtype=torch.float32, non_blocking=async_copy).reshape(())
             self.by_device[device] = (inv, found)
         return self.by_device[device]
 
@@ -244,12 +245,19 @@ class Adam(torch.optim.Optimizer):
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
         return config
 
-    def _check_betas(self, betas, where: str) -> None:
-        """The kernels read betas from a tensor without checking them (that would sync on CUDA):
-        check float betas here, before anything changes (a scheduler may have set them)."""
-        for i, b in enumerate(betas):
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """Checks a group's float hyperparameters before anything changes (a scheduler or the user may
+        have set them since construction): the kernels read lr and betas from tensors without
+        checking them (that would sync on CUDA), and the ops, called batch by batch, would only
+        reject a bad eps or weight_decay after earlier batches were updated."""
+        name = type(self).__name__
+        for i, b in enumerate(group["betas"]):
             if not isinstance(b, torch.Tensor) and not 0.0 <= b < 1.0:
-                raise ValueError(f"{type(self).__name__}: {where}: beta{i + 1} must be in [0, 1), got {b}")
+                raise ValueError(f"{name}: {where}: beta{i + 1} must be in [0, 1), got {b}")
+        for key in ("lr", "eps", "weight_decay"):
+            value = group[key]
+            if not isinstance(value, torch.Tensor) and not value >= 0.0:
+                raise ValueError(f"{name}: {where}: {key} must be >= 0, got {value}")
 
     def _current_overrides(self) -> list[list[dict[str, Any]]]:
         if self._overrides_version != self._manager.version:
@@ -298,22 +306,26 @@ class Adam(torch.optim.Optimizer):
         """Whether the state `key` of `p` lives in managed memory: the moments of large parameters."""
         return self._paged and key in ("state1", "state2", "state3") and p.numel() >= PAGED_MIN_NUMEL
 
-    def _paged_states(self) -> list[PagedTensor]:
-        return [t for state in self.state.values() for t in state.values() if isinstance(t, PagedTensor)]
+    def _paged_states(self) -> dict[torch.device, list[PagedTensor]]:
+        """The paged states, by device (each op call moves the tensors of one device)."""
+        by_device: dict[torch.device, list[PagedTensor]] = {}
+        for state in self.state.values():
+            for t in state.values():
+                if isinstance(t, PagedTensor):
+                    by_device.setdefault(t.device, []).append(t)
+        return by_device
 
     @torch.no_grad()
     def prefetch(self) -> None:
         """Migrates every paged state to its GPU now, on the current stream (before replaying a
         captured step, where the step's own prefetch cannot run)."""
-        paged = self._paged_states()
-        if paged:
+        for paged in self._paged_states().values():
             torch.ops.adam8.prefetch(paged)
 
     @torch.no_grad()
     def page_out(self) -> None:
         """Migrates every paged state to host memory, on the current stream."""
-        paged = self._paged_states()
-        if paged:
+        for paged in self._paged_states().values():
             torch.ops.adam8.page_out(paged)
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> None:
@@ -393,7 +405,7 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         amp = _AmpState(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for gi, group in enumerate(self.param_groups):
-            self._check_betas(group["betas"], f"group {gi}")
+            self._check_group(group, f"group {gi}")
         for gi, group in enumerate(self.param_groups):
             tensors: list = []
             layout = self._init_group(group, tensors, gi == 0)

@@ -370,7 +370,7 @@ void dispatch(bool flag, at::ScalarType dtype, F&& f) {
 // Each step count advances by one, or stays where GradScaler skipped the step.
 void advance_steps(at::TensorList steps, const c10::optional<at::Tensor>& found_inf) {
   if (found_inf.has_value()) {
-    at::_foreach_add_(steps, found_inf->eq(0).to(at::kFloat));
+    at::_foreach_add_(steps, found_inf->reshape({}).eq(0).to(at::kFloat));  // (1,) from GradScaler too
   } else {
     at::_foreach_add_(steps, 1.0);
   }

@@ -47,7 +47,11 @@ void migrate(const char* op, at::TensorList tensors, bool to_host) {
     C10_CUDA_CHECK(cudaPointerGetAttributes(&attributes, ptr));
     // Device memory stays on its GPU (a copy of a paged tensor is one): nothing to migrate.
     if (attributes.type != cudaMemoryTypeManaged) continue;
+#if CUDART_VERSION >= 13000
     C10_CUDA_CHECK(cudaMemPrefetchAsync(ptr, tensors[i].nbytes(), location, 0, stream));
+#else  // CUDA 12: a device ordinal, cudaCpuDeviceId for the host
+    C10_CUDA_CHECK(cudaMemPrefetchAsync(ptr, tensors[i].nbytes(), to_host ? cudaCpuDeviceId : location.id, stream));
+#endif
   }
 }
 
@@ -60,6 +64,8 @@ at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::D
   int64_t numel = 1;
   for (int64_t s : size) numel *= s;
   if (numel == 0) return at::zeros(size, options);
+  TORCH_CHECK(!capturing(c10::cuda::getCurrentCUDAStream()), "adam8.zeros_managed: cannot allocate managed memory "
+              "while a CUDA graph is being captured; run one step before capturing, so the states exist");
   require_concurrent_managed_access("adam8.zeros_managed", index);
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(numel) * c10::elementSize(dtype), cudaMemAttachGlobal));
