@@ -4,6 +4,7 @@ equal the non-paged classes, compiled steps keep them paged and in place, checkp
 paged. The GPU tests (skipped without CUDA) check the memory is managed, where it was prefetched
 last, and a CUDA-graph replay after a prefetch."""
 
+import copy
 import ctypes
 import io
 
@@ -13,6 +14,7 @@ import torch._inductor.fx_passes.post_grad as post_grad
 
 import torchadam8
 from torchadam8 import PagedTensor
+from torchadam8.paged import unwrap
 
 from conftest import DEVICES, copies, set_grads
 from test_graph import render
@@ -170,6 +172,20 @@ def test_checkpoint_reloads_paged(device, paged_cls):
         again.step()
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+def test_deepcopy_of_a_paged_optimizer_stays_paged():
+    params = make("cpu")
+    opt = torchadam8.PagedAdam8bit(params)
+    set_grads(params)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    for p in params:
+        q = next(q for q in twin.state if torch.equal(q, p) and q is not p)
+        assert paged_keys(twin, q) == paged_keys(opt, p)
+        for key, value in opt.state[p].items():
+            copied = twin.state[q][key]
+            assert torch.equal(copied, value) and unwrap(copied).data_ptr() != unwrap(value).data_ptr(), key
 
 
 def test_prefetch_and_page_out_by_hand_on_cpu():

@@ -51,6 +51,7 @@ import torch
 
 from ops_registry.checks import is_dense
 
+from .paged import paged_zeros_like
 from .qmap import dynamic_maps
 
 BLOCK = 256
@@ -157,7 +158,8 @@ def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = 
             if tuple(t.shape) != shape:
                 raise ValueError(f"{where}: {key} has shape {list(t.shape)} but the parameter has shape {list(shape)}")
             _check_block_order(spec, key, t, p, where)
-            out[key] = torch.empty_like(p, dtype=dtype).copy_(t)
+            # a paged optimizer's large moments go straight to managed memory (no device copy first)
+            out[key] = (paged_zeros_like(p, dtype) if opt._pages(p, key) else torch.empty_like(p, dtype=dtype)).copy_(t)
         else:
             if t.dtype != dtype or tuple(t.shape) != want:
                 raise ValueError(_tensor_mismatch(where, key, t, dtype, want))

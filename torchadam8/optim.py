@@ -465,12 +465,7 @@ class Adam(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state, groups = validated_state(self, state_dict)
-        for p, s in state.items():  # a paged optimizer's large states are paged again
-            for key, t in s.items():
-                if self._pages(p, key) and not isinstance(t, PagedTensor):
-                    s[key] = paged_zeros_like(p, t.dtype)
-                    s[key].copy_(t)
+        state, groups = validated_state(self, state_dict)  # (a paged optimizer's large states paged again)
         self.state.clear()
         self.state.update(state)
         self.param_groups = groups

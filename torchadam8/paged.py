@@ -49,6 +49,12 @@ class PagedTensor(torch.Tensor):
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
         return PagedTensor(inner_tensors["_inner"])
 
+    def __deepcopy__(self, memo):
+        """A deep copy is paged too (new managed memory holding the same values)."""
+        out = paged_zeros_like(self, self.dtype)
+        memo[id(self)] = out
+        return out.copy_(self)
+
     def _stable_hash_for_caching(self) -> str:
         return "torchadam8.PagedTensor"  # no metadata beyond the inner tensor's
 
