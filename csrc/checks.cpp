@@ -57,12 +57,21 @@ void check_length(const char* op, const char* name, size_t got, const char* ref,
                     "; pass one per parameter");
 }
 
-void check_dtype(const char* op, Arg what, const at::Tensor& t, Dtypes allowed) {
+bool is_one_of(at::ScalarType dtype, Dtypes allowed) {
   for (auto a : allowed) {
-    if (t.scalar_type() == a) return;
+    if (dtype == a) return true;
   }
-  TORCH_CHECK_TYPE(false, op, ": ", what, " has dtype ", dtype_name(t.scalar_type()), "; expected ",
-                   dtype_list(allowed));
+  return false;
+}
+
+void check_dtype(const char* op, Arg what, const at::Tensor& t, Dtypes allowed) {
+  TORCH_CHECK_TYPE(is_one_of(t.scalar_type(), allowed), op, ": ", what, " has dtype ", dtype_name(t.scalar_type()),
+                   "; expected ", dtype_list(allowed));
+}
+
+// A dtype argument (not a tensor's).
+void check_dtype_arg(const char* op, at::ScalarType dtype, Dtypes allowed) {
+  TORCH_CHECK_TYPE(is_one_of(dtype, allowed), op, ": dtype is ", dtype_name(dtype), "; expected ", dtype_list(allowed));
 }
 
 void check_device(const char* op, Arg what, const at::Tensor& t, const at::Device& device) {
@@ -226,14 +235,13 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
   check_blocksize(op, blocksize);
   check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
   check_code(op, "code", code, q.device());
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": dtype is ",
-                   dtype_name(dtype), "; expected ", dtype_list(kParamDtypes));
+  check_dtype_arg(op, dtype, kParamDtypes);
 }
 
 void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
-                     const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
-                     double weight_decay, double max_unorm) {
+                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+                     const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales,
+                     const c10::optional<at::Tensor>& found_inf, double eps, double weight_decay, double max_unorm) {
   const char* op = "adam8.adam_step";
   check_adam_common(op, params, grads,
                     {{"exp_avgs", exp_avgs, at::kFloat},
@@ -248,9 +256,10 @@ void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
 
 void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                          at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
-                         at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                         const at::Tensor& lr, const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf,
-                         double eps, double weight_decay, double max_unorm, bool block_wise) {
+                         at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
+                         const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales,
+                         const c10::optional<at::Tensor>& found_inf, double eps, double weight_decay, double max_unorm,
+                         bool block_wise) {
   const char* op = "adam8.adam8bit_step";
   check_adam_common(op, params, grads,
                     {{"state1", state1, at::kByte}, {"state2", state2, at::kByte}, {"state3", state3, at::kByte, true}},
@@ -312,9 +321,7 @@ void check_zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::D
   for (size_t i = 0; i < size.size(); ++i) {
     TORCH_CHECK_VALUE(size[i] >= 0, op, ": size[", i, "] is ", size[i], "; sizes must be >= 0");
   }
-  bool known = false;
-  for (auto d : kPagedDtypes) known = known || d == dtype;
-  TORCH_CHECK_TYPE(known, op, ": dtype is ", dtype_name(dtype), "; expected ", dtype_list(kPagedDtypes));
+  check_dtype_arg(op, dtype, kPagedDtypes);
   TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": device is ", device.str(),
                     "; expected a cpu or cuda device");
 }

@@ -15,15 +15,16 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
                                 int64_t blocksize, at::ScalarType dtype);
 
 void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, const at::Tensor& betas,
-                     const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
-                     double weight_decay, double max_unorm);
+                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+                     const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales,
+                     const c10::optional<at::Tensor>& found_inf, double eps, double weight_decay, double max_unorm);
 
 void check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                          at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
-                         at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                         const at::Tensor& lr, const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf,
-                         double eps, double weight_decay, double max_unorm, bool block_wise);
+                         at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
+                         const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales,
+                         const c10::optional<at::Tensor>& found_inf, double eps, double weight_decay, double max_unorm,
+                         bool block_wise);
 
 void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                                int64_t percentile, const at::Tensor& scales);

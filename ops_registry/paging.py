@@ -119,30 +119,22 @@ ZEROS_MANAGED = OpInfo(
     dtypes=PAGED_DTYPES,
 )
 
-PREFETCH = OpInfo(
-    name="prefetch",
-    schema="(Tensor(a!)[] tensors) -> ()",
-    doc=("Migrates managed tensors to their GPU on the current stream (nothing for other memory, on the CPU, or "
-         "while the stream is being captured)."),
-    fake=_paged_fake("adam8.prefetch"),
-    reference=paged_reference,
-    sample_inputs=paged_samples,
-    sweep_inputs=paged_sweep,
-    error_inputs=_paged_errors("adam8.prefetch"),
-    compare=paged_compare,
-    dtypes=PAGED_DTYPES,
-)
+def _migration(name: str, destination: str) -> OpInfo:
+    """prefetch and page_out: the same op but for where the memory goes."""
+    return OpInfo(
+        name=name,
+        schema="(Tensor(a!)[] tensors) -> ()",
+        doc=(f"Migrates managed tensors to {destination} on the current stream (nothing for other memory, on the "
+             "CPU, or while the stream is being captured)."),
+        fake=_paged_fake(f"adam8.{name}"),
+        reference=paged_reference,
+        sample_inputs=paged_samples,
+        sweep_inputs=paged_sweep,
+        error_inputs=_paged_errors(f"adam8.{name}"),
+        compare=paged_compare,
+        dtypes=PAGED_DTYPES,
+    )
 
-PAGE_OUT = OpInfo(
-    name="page_out",
-    schema="(Tensor(a!)[] tensors) -> ()",
-    doc=("Migrates managed tensors to host memory on the current stream (nothing for other memory, on the CPU, or "
-         "while the stream is being captured)."),
-    fake=_paged_fake("adam8.page_out"),
-    reference=paged_reference,
-    sample_inputs=paged_samples,
-    sweep_inputs=paged_sweep,
-    error_inputs=_paged_errors("adam8.page_out"),
-    compare=paged_compare,
-    dtypes=PAGED_DTYPES,
-)
+
+PREFETCH = _migration("prefetch", "their GPU")
+PAGE_OUT = _migration("page_out", "host memory")

@@ -1,3 +1,4 @@
+import io
 import os
 import random
 
@@ -33,12 +34,26 @@ def copies(params):
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
+def set_twin_grads(params, *twins, scale=1e-1):
+    """Fresh random gradients for params, and the same for each list of twin parameters."""
+    set_grads(params, scale)
+    for twin in twins:
+        for p, q in zip(params, twin):
+            q.grad = p.grad.clone()
+
+
+def through_torch_save(state_dict):
+    """state_dict after torch.save and torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def step_both(steps, params, step, twin_params, twin_step, before_step=lambda i: None):
     """`steps` calls of step and twin_step, each after the same fresh random gradients."""
     for i in range(steps):
-        set_grads(params)
-        for p, q in zip(params, twin_params):
-            q.grad = p.grad.clone()
+        set_twin_grads(params, twin_params)
         before_step(i)
         step()
         twin_step()

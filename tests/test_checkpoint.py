@@ -3,13 +3,14 @@ it would have in bitsandbytes; state of another kind, foreign quantization maps 
 another memory layout are refused with the optimizer untouched; the checks follow _state_spec."""
 
 import copy
-import io
 
 import pytest
 import torch
 
 from torchadam8 import Adam, Adam8bit, Adam32bit, dynamic_maps
 from torchadam8.checkpoint import BNB_WRAPPER, validated_state
+
+from conftest import through_torch_save
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
 
@@ -45,13 +46,6 @@ def _run(opt, params, grads):
         opt.step()
 
 
-def _through_torch_save(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def _bnb_checkpoint(variant):
     """bitsandbytes trained N steps: (its params, its optimizer, its state_dict after a
     torch.save / torch.load(weights_only=True) round trip, the remaining M steps of gradients)."""
@@ -60,7 +54,7 @@ def _bnb_checkpoint(variant):
     params = _params(values)
     opt = getattr(bnb.optim, bnb_name)(params, **HYPER, **extra)
     _run(opt, params, grads[:N])
-    return params, opt, _through_torch_save(opt.state_dict()), grads[N:]
+    return params, opt, through_torch_save(opt.state_dict()), grads[N:]
 
 
 def _ours(variant, params, **kwargs):
@@ -280,7 +274,7 @@ def test_8bit_codes_are_refused_in_another_memory_order_and_fp32_moments_are_not
 
     opt8 = trained(Adam8bit, values.clone().t())  # shape [64, 80], strides [1, 64]
     assert opt8.state[opt8.param_groups[0]["params"][0]]["state1"].stride() == (1, 64)
-    sd8 = _through_torch_save(opt8.state_dict())
+    sd8 = through_torch_save(opt8.state_dict())
     row_major = [torch.nn.Parameter(values.t().contiguous())]
     target = Adam8bit(row_major)
     with pytest.raises(ValueError, match=r"state1 holds 8-bit codes with strides \[1, 64\] but the parameter has "
@@ -294,7 +288,7 @@ def test_8bit_codes_are_refused_in_another_memory_order_and_fp32_moments_are_not
     assert twin.state[same_layout[0]]["state1"].stride() == (1, 64)
 
     opt32 = trained(Adam32bit, values.clone().t())
-    sd32 = _through_torch_save(opt32.state_dict())
+    sd32 = through_torch_save(opt32.state_dict())
     target32 = Adam32bit(row_major)
     target32.load_state_dict(sd32)
     loaded = target32.state[row_major[0]]["state2"]

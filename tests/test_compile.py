@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from torchadam8 import Adam, Adam8bit, Adam32bit
 
-from conftest import copies
+from conftest import copies, set_twin_grads
 
 OPTIONS = {
     "defaults": {},
@@ -47,12 +47,7 @@ def test_compiled_step_with_scheduler_does_not_recompile(cls, options, scheduler
     twin_opt = type(opt)(twin, lr=torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2,
                          **(dict(optim_bits=8) if cls is Adam else {}), **OPTIONS[options])
 
-    def set_grads():
-        for p, q in zip(params, twin):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-
-    set_grads()
+    set_twin_grads(params, twin, scale=1.0)
     opt.step()  # the state is made eagerly (its first compiled trace would differ)
     twin_opt.step()
     torch._dynamo.reset()
@@ -60,7 +55,7 @@ def test_compiled_step_with_scheduler_does_not_recompile(cls, options, scheduler
     compiled = torch.compile(opt.step, fullgraph=True)  # before the scheduler wraps opt.step
     sched, twin_sched = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](twin_opt)
     for _ in range(50):
-        set_grads()
+        set_twin_grads(params, twin, scale=1.0)
         compiled()
         twin_opt.step()
         sched.step()
@@ -81,9 +76,7 @@ def test_dynamic_compile_never_recompiles_with_float_lr_and_betas(cls):
     params, opt = make(cls, 1e-2, {})
     twin = copies(params)
     twin_opt = cls(twin, lr=1e-2)
-    for p, q in zip(params, twin):
-        p.grad = torch.randn_like(p)
-        q.grad = p.grad.clone()
+    set_twin_grads(params, twin, scale=1.0)
     opt.step()
     twin_opt.step()
     torch._dynamo.reset()
@@ -91,9 +84,7 @@ def test_dynamic_compile_never_recompiles_with_float_lr_and_betas(cls):
     compiled = torch.compile(opt.step, fullgraph=True, dynamic=True)
     sched, twin_sched = SCHEDULERS["OneCycleLR"](opt), SCHEDULERS["OneCycleLR"](twin_opt)
     for _ in range(50):
-        for p, q in zip(params, twin):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+        set_twin_grads(params, twin, scale=1.0)
         compiled()
         twin_opt.step()
         sched.step()

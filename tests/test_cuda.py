@@ -10,8 +10,9 @@ import torch
 
 import torchadam8
 from ops_registry import OPS
+from torchadam8.bench import captured
 
-from conftest import copies, step_both
+from conftest import copies, set_twin_grads, step_both
 
 pytestmark = [
     pytest.mark.gpu,
@@ -136,17 +137,10 @@ def test_cuda_graph_capture_replays_eager_steps(cls, options):
         p.grad, q.grad = g, g.clone()
     lr = torch.tensor(1e-3, device="cuda")
     opt, ref = cls(params, lr=lr, **options), cls(twin, lr=1e-3, **options)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()  # warm-up: allocates the state
-    torch.cuda.current_stream().wait_stream(side)
+    replay = captured(opt.step)  # a warm-up step on a side stream (it allocates the state), then the capture
     ref.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     for _ in range(5):
-        graph.replay()
+        replay()
         ref.step()
     torch.cuda.synchronize()
     for p, q in zip(params, twin):
@@ -250,9 +244,7 @@ def test_reduce_overhead_compile_runs_the_step_in_cuda_graphs(cls):
     twin = copies(params)
     opt = cls(params, lr=torch.tensor(1e-3, device="cuda"))
     ref = cls(twin, lr=torch.tensor(1e-3, device="cuda"))
-    for p, q in zip(params, twin):
-        p.grad = torch.randn_like(p)
-        q.grad = p.grad.clone()
+    set_twin_grads(params, twin, scale=1.0)
     opt.step()
     ref.step()
     torch._dynamo.reset()

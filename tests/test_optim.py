@@ -3,7 +3,6 @@ checkpoints, and bad input (a clear error, the optimizer untouched)."""
 
 import copy
 import inspect
-import io
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ from ops_registry.adam import adam_reference
 from ops_registry.testing import EPS, assert_close_scaled
 from torchadam8 import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
 
-from conftest import copies, set_grads, step_both
+from conftest import copies, set_grads, step_both, through_torch_save
 
 CLASSES = [Adam, Adam8bit, Adam32bit]
 SEED_SIGNATURE = (
@@ -204,10 +203,7 @@ def test_state_dict_round_trip_through_torch_save(cls):
     for _ in range(3):
         set_grads(params)
         opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = through_torch_save(opt.state_dict())
     twin_params = copies(params)
     twin = cls(twin_params, lr=0.5, optim_bits=8 if cls is Adam else 32, min_8bit_size=16)
     twin.load_state_dict(loaded)

@@ -6,7 +6,7 @@ last, and a CUDA-graph replay after a prefetch."""
 
 import copy
 import ctypes
-import io
+import functools
 
 import pytest
 import torch
@@ -14,9 +14,10 @@ import torch._inductor.fx_passes.post_grad as post_grad
 
 import torchadam8
 from torchadam8 import PagedTensor
+from torchadam8.bench import captured
 from torchadam8.paged import unwrap
 
-from conftest import DEVICES, copies, set_grads
+from conftest import DEVICES, copies, set_grads, set_twin_grads, through_torch_save
 from test_graph import render
 
 PAIRS = [(torchadam8.PagedAdam8bit, torchadam8.Adam8bit), (torchadam8.PagedAdam32bit, torchadam8.Adam32bit),
@@ -64,10 +65,7 @@ def test_paged_numerics_equal_non_paged(device, paged_cls, cls, option):
             paged_cls(twins[0], lr=1e-2, page_out_after_step=True, **OPTIONS[option]),
             cls(twins[1], lr=1e-2, **OPTIONS[option])]
     for _ in range(5):
-        set_grads(params)
-        for twin in twins:
-            for p, q in zip(params, twin):
-                q.grad = p.grad.clone()
+        set_twin_grads(params, *twins)
         for opt in opts:
             opt.step()
     for p, q0, q1 in zip(params, *twins):
@@ -98,9 +96,7 @@ def test_compiled_step_keeps_states_paged_and_in_place(paged_cls):
     twin = copies(params)
     opt = paged_cls(params, lr=torch.tensor(1e-2))
     ref = paged_cls(twin, lr=torch.tensor(1e-2))
-    set_grads(params)
-    for p, q in zip(params, twin):
-        q.grad = p.grad.clone()
+    set_twin_grads(params, twin)
     opt.step()  # eager first steps: the state exists before tracing
     ref.step()
     inner = {(id(p), k): v.inner.data_ptr() for p in params for k, v in opt.state[p].items()
@@ -121,9 +117,7 @@ def test_compiled_step_keeps_states_paged_and_in_place(paged_cls):
         with torch._inductor.config.patch(fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
             for i in range(4):
-                set_grads(params)
-                for p, q in zip(params, twin):
-                    q.grad = p.grad.clone()
+                set_twin_grads(params, twin)
                 compiled()
                 ref.step()
                 opt.param_groups[0]["lr"].fill_(1e-2 / (i + 2))
@@ -153,10 +147,7 @@ def test_checkpoint_reloads_paged(device, paged_cls):
     for _ in range(3):
         set_grads(params)
         opt.step()
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_torch_save(opt.state_dict())
     twin = copies(params)
     again = paged_cls(twin, lr=1e-2, amsgrad=True)
     again.load_state_dict(saved)
@@ -165,9 +156,7 @@ def test_checkpoint_reloads_paged(device, paged_cls):
         for key, value in opt.state[p].items():
             assert torch.equal(again.state[q][key], value), key
     for _ in range(3):  # and training goes on alike
-        set_grads(params)
-        for p, q in zip(params, twin):
-            q.grad = p.grad.clone()
+        set_twin_grads(params, twin)
         opt.step()
         again.step()
     for p, q in zip(params, twin):
@@ -204,22 +193,25 @@ def test_prefetch_and_page_out_by_hand_on_cpu():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@functools.cache
+def cudart():
+    return ctypes.CDLL("libcudart.so.13")
+
+
 def last_prefetch_location(t: torch.Tensor) -> str:
     """Where the memory of `t` was last prefetched to: "device", "host" or "none"
     (cudaMemRangeGetAttribute(cudaMemRangeAttributeLastPrefetchLocationType))."""
-    cudart = ctypes.CDLL("libcudart.so.13")
     value = ctypes.c_int(-1)
     last_prefetch_location_type = 7
-    err = cudart.cudaMemRangeGetAttribute(ctypes.byref(value), ctypes.c_size_t(4), last_prefetch_location_type,
-                                          ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.nbytes))
+    err = cudart().cudaMemRangeGetAttribute(ctypes.byref(value), ctypes.c_size_t(4), last_prefetch_location_type,
+                                            ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.nbytes))
     assert err == 0, f"cudaMemRangeGetAttribute failed with error {err}"
     return {0: "none", 1: "device", 2: "host"}.get(value.value, f"type {value.value}")
 
 
 def is_managed(t: torch.Tensor) -> bool:
-    cudart = ctypes.CDLL("libcudart.so.13")
     attributes = (ctypes.c_int * 64)()  # room for cudaPointerAttributes; its first field is the type
-    assert cudart.cudaPointerGetAttributes(attributes, ctypes.c_void_p(t.data_ptr())) == 0
+    assert cudart().cudaPointerGetAttributes(attributes, ctypes.c_void_p(t.data_ptr())) == 0
     return attributes[0] == 3  # cudaMemoryTypeManaged
 
 
@@ -259,24 +251,15 @@ def test_cuda_graph_replay_of_a_paged_step(paged_cls):
     give the parameters of 3 eager steps."""
     params = make("cuda")
     twin = copies(params)
-    for p, q in zip(params, twin):
-        p.grad = torch.randn_like(p) * 0.1
-        q.grad = p.grad.clone()
+    set_twin_grads(params, twin)
     opt = paged_cls(params, lr=torch.tensor(1e-2, device="cuda"))
     ref = paged_cls(twin, lr=1e-2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    replay = captured(opt.step)  # one warm-up step on a side stream, then the capture
     ref.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     for _ in range(3):
         opt.page_out()
         opt.prefetch()
-        graph.replay()
+        replay()
         ref.step()
     torch.cuda.synchronize()
     for p, q in zip(params, twin):

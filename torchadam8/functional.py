@@ -131,8 +131,9 @@ def adam8bit(
     amsgrad's running maximum of the second moment (unsigned code); ``found_inf`` as in :func:`adam`."""
     if not params:
         return
+    device = params[0].device
     torch.ops.adam8.adam8bit_step(
         params, grads, state1, state2, list(state3), steps, absmax1, absmax2, list(absmax3), qmap1, qmap2,
-        lr_tensor(lr, params[0].device), betas_tensor(beta1, beta2, params[0].device), gnorm_scales, found_inf, eps=eps,
+        lr_tensor(lr, device), betas_tensor(beta1, beta2, device), gnorm_scales, found_inf, eps=eps,
         weight_decay=weight_decay, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise,
     )

@@ -231,11 +231,10 @@ class Adam(torch.optim.Optimizer):
         self._overrides = [[self._manager.config_for(p) for p in g["params"]] for g in self.param_groups]
         self._overrides_version = self._manager.version
 
-    def _config(self, p: torch.Tensor, gindex: int | None = None, pindex: int | None = None) -> dict[str, Any]:
+    def _config(self, p: torch.Tensor) -> dict[str, Any]:
         """The options of parameter p: the constructor's (or args'), its group's, then its overrides."""
-        if gindex is None:
-            gindex, pindex = next((gi, pi) for gi, g in enumerate(self.param_groups)
-                                  for pi, q in enumerate(g["params"]) if q is p)
+        gindex, pindex = next((gi, pi) for gi, g in enumerate(self.param_groups)
+                              for pi, q in enumerate(g["params"]) if q is p)
         return {**self._group_config(gindex), **self._current_overrides()[gindex][pindex]}
 
     def _group_config(self, gindex: int) -> dict[str, Any]:

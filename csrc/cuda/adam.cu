@@ -418,9 +418,10 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                    at::TensorList state3, at::TensorList steps, at::TensorList absmax1, at::TensorList absmax2,
-                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr, const at::Tensor& betas,
-                   const c10::optional<at::Tensor>& gnorm_scales, const c10::optional<at::Tensor>& found_inf, double eps,
-                   double weight_decay, double max_unorm, bool skip_zeros, bool block_wise) {
+                   at::TensorList absmax3, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& lr,
+                   const at::Tensor& betas, const c10::optional<at::Tensor>& gnorm_scales,
+                   const c10::optional<at::Tensor>& found_inf, double eps, double weight_decay, double max_unorm,
+                   bool skip_zeros, bool block_wise) {
   check_adam8bit_step(params, grads, state1, state2, state3, steps, absmax1, absmax2, absmax3, qmap1, qmap2, lr,
                       betas, gnorm_scales, found_inf, eps, weight_decay, max_unorm, block_wise);
   if (params.empty()) return;
