@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <vector>
 
 #include "adam8_math.h"
@@ -22,5 +23,9 @@ struct HostLut {
 // the table cannot represent the code (a bucket with two bounds, a bound in a clamped bucket);
 // kernels then search the bounds instead.
 HostLut build_lut(const float* code);
+
+// build_lut of `code`, kept for the next calls with the same code (compared bit for bit): a table
+// costs about 0.1 ms to build, as much as an 8-bit step of 30k parameters on one core.
+std::shared_ptr<const HostLut> cached_lut(const float* code);
 
 }  // namespace adam8

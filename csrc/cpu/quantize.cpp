@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   const int64_t n = xc.numel();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, x.options().dtype(at::kFloat));
-  const HostLut lut = build_lut(code.contiguous().data_ptr<float>());
+  const auto lut = cached_lut(code.contiguous().data_ptr<float>());
   ADAM8_DISPATCH_FLOAT(xc.scalar_type(), [&] {
     const T* xp = xc.data_ptr<T>();
     uint8_t* qp = q.data_ptr<uint8_t>();
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
     at::parallel_for(0, absmax.numel(), block_grain(blocksize), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * blocksize;
-        quantize_block(xp + off, std::min(blocksize, n - off), lut.view(), qp + off, ap + b);
+        quantize_block(xp + off, std::min(blocksize, n - off), lut->view(), qp + off, ap + b);
       }
     });
   });
