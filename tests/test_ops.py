@@ -99,3 +99,21 @@ def test_every_op_has_error_inputs():
 def test_get_unknown_op_names_known_ones():
     with pytest.raises(KeyError, match="adam_step"):
         ops_registry.get("nope")
+
+
+def test_quantize_with_codes_cycled_past_the_kept_tables():
+    """The CPU kernels keep the lookup tables of recent codes (8): cycling through 11 codes twice,
+    each one evicted and rebuilt, every call quantizes with its own code (as the reference)."""
+    from ops_registry.quantize import quantize_reference
+    from torchadam8.qmap import create_dynamic_map
+
+    gen = torch.Generator().manual_seed(3)
+    codes = [create_dynamic_map(True), create_dynamic_map(False)]
+    codes += [create_dynamic_map(True) * (1 - k / 64) for k in range(1, 5)]  # table-path codes
+    codes += [torch.sort(torch.rand(256, generator=gen) * 2 - 1).values for _ in range(5)]  # search path
+    x = torch.randn(1000, generator=gen)
+    for _ in range(2):
+        for code in codes:
+            q, absmax = torch.ops.adam8.quantize_blockwise(x, code, 256)
+            q_ref, absmax_ref = quantize_reference(x, code, 256)
+            assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)
