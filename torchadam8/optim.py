@@ -354,11 +354,14 @@ class Adam(torch.optim.Optimizer):
             for gi, g in enumerate(self.param_groups):
                 for pi, p in enumerate(g["params"]):
                     grad = p.grad
-                    if grad is not None:
+                    if grad is not None and (grad.dtype != p.dtype or grad.shape != p.shape or grad.is_sparse
+                                             or grad.device != p.device):
                         self._check_grad(p, grad, gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides()[gi]
         group_config = self._group_config(gi)
+        # The batch key's options, for parameters without overrides (most): the same for the group.
+        group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())
         batches: dict[tuple, tuple[_Batch, list[int]]] = {}
         for pi, p in enumerate(group["params"]):
             grad = p.grad
@@ -369,17 +372,19 @@ class Adam(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, config)
-            clip = config["percentile_clipping"]
-            if clip < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
+            if over:
+                # The group's hyperparameters are common to a batch (and left out of the key, to be read
+                # by the traced step: a float lr here would be a constant); overridden ones are pinned.
+                pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS)
+                options = (config["percentile_clipping"], config["max_unorm"], config["skip_zeros"], pinned)
+            else:
+                options = group_options
+            if options[0] < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
                 state["gnorm_vec"] = grad.float().square().sum().expand(100).clone()
             eight_bit = state["state1"].dtype == torch.uint8
             # The state's layout decides (a later override cannot reshape it).
             block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
-            # Parameters share a call when they share these; the group's hyperparameters are common
-            # to all (and left out, to be read by the traced step: a float lr here would be a constant).
-            pinned = tuple((k, v) for k, v in over.items() if k in HYPER_KEYS) if over else ()
-            key = (str(p.device), eight_bit, "state3" in state, block_wise, clip, config["max_unorm"],
-                   config["skip_zeros"], pinned)
+            key = (p.device, eight_bit, "state3" in state, block_wise, *options)
             entry = batches.get(key)
             if entry is None:
                 entry = batches[key] = (_Batch(), [])
