@@ -93,3 +93,34 @@ def test_dynamic_compile_never_recompiles_with_float_lr_and_betas(cls):
     assert opt.param_groups[0]["betas"][0] != 0.95  # the scheduler did move beta1
     for p, q in zip(params, twin):
         assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+def test_compiled_step_follows_changes_of_args(cls):
+    """opt.args is read at each step (as in bitsandbytes): turning percentile clipping and max_unorm on
+    between compiled steps retraces, and the parameters equal eager's bit for bit; a bad value is
+    refused, naming it, with nothing changed."""
+    torch.manual_seed(0)
+    params, opt = make(cls, 1e-3, {})
+    twins = copies(params)
+    twin_opt = cls(twins, lr=1e-3)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, fullgraph=True)
+    counters.clear()
+    for i in range(8):
+        set_twin_grads(params, twins, scale=10.0 if i == 5 else 1e-1)
+        if i == 3:
+            for o in (opt, twin_opt):
+                o.args.percentile_clipping, o.args.max_unorm = 5, 0.01
+        step()
+        twin_opt.step()
+        for p, q in zip(params, twins):
+            assert torch.equal(p.detach(), q.detach()), i
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
+    before = copies(params)
+    opt.args.percentile_clipping = 500
+    set_twin_grads(params)
+    with pytest.raises(Exception, match="percentile_clipping must be an int in 1..100, got 500"):
+        step()
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q.detach())

@@ -116,7 +116,8 @@ class Adam(torch.optim.Optimizer):
       new max |m| and max v are found first, then the states are quantized against them).
     - ``args``: an object whose attributes optim_bits, min_8bit_size, percentile_clipping,
       block_wise, max_unorm, skip_zeros replace the constructor's values, as in bitsandbytes
-      (``args.optim_bits`` wins over Adam8bit's and Adam32bit's fixed width there too).
+      (``args.optim_bits`` wins over Adam8bit's and Adam32bit's fixed width there too). Its
+      attributes are read, and checked, at each step; a compiled step retraces when they change.
       ``max_unorm`` (> 0) caps the norm of the update m_hat / (sqrt(v_hat) + eps) at max_unorm
       times the parameter's norm (bitsandbytes; we apply it to 8-bit states too). ``skip_zeros``
       leaves elements whose gradient is exactly 0 untouched (parameter and moments).
@@ -187,6 +188,7 @@ class Adam(torch.optim.Optimizer):
             if not hasattr(args, "optim_bits"):  # as in bitsandbytes, args.optim_bits wins over the class
                 values["optim_bits"] = self._fixed_bits
         self.args = SimpleNamespace(**_validated(values, name))
+        self._args_checked = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if not isinstance(amsgrad, bool):
             raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
         if not isinstance(page_out_after_step, bool):
@@ -351,6 +353,10 @@ class Adam(torch.optim.Optimizer):
         what it read, and marks the state tensors static for CUDA graphs: the traced step holds only
         the ops, and compiles in a fraction of the time."""
         if check_all:
+            args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
+            if args != self._args_checked:
+                _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")
+                self._args_checked = args
             for gi, g in enumerate(self.param_groups):
                 for pi, p in enumerate(g["params"]):
                     grad = p.grad
@@ -408,6 +414,10 @@ class Adam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         amp = _AmpState(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        # opt.args may change between steps (bitsandbytes reads it at each one). Comparing its values
+        # here, in the traced step, makes a compiled step guard on them: a change retraces, and
+        # _init_group (run eagerly) checks the new values.
+        self._args_changed = tuple(getattr(self.args, k) for k in ARGS_KEYS) != self._args_checked
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"group {gi}")
         for gi, group in enumerate(self.param_groups):
