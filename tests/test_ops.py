@@ -102,18 +102,28 @@ def test_get_unknown_op_names_known_ones():
 
 
 def test_quantize_with_codes_cycled_past_the_kept_tables():
-    """The CPU kernels keep the lookup tables of recent codes (8): cycling through 11 codes twice,
-    each one evicted and rebuilt, every call quantizes with its own code (as the reference)."""
+    """The CPU kernels keep the lookup tables of recent codes (8): every call quantizes with its own
+    code (as the reference) when codes come back while kept (A B A C A ...), when 11 codes cycle
+    twice (each evicted and rebuilt), and when two codes differ in one value by one ulp (which moves
+    a decision bound: a value on it quantizes differently under the two)."""
     from ops_registry.quantize import quantize_reference
     from torchadam8.qmap import create_dynamic_map
 
     gen = torch.Generator().manual_seed(3)
-    codes = [create_dynamic_map(True), create_dynamic_map(False)]
-    codes += [create_dynamic_map(True) * (1 - k / 64) for k in range(1, 5)]  # table-path codes
+    signed = create_dynamic_map(True)
+    codes = [signed, create_dynamic_map(False)]
+    codes += [signed * (1 - k / 64) for k in range(1, 5)]  # table-path codes
     codes += [torch.sort(torch.rand(256, generator=gen) * 2 - 1).values for _ in range(5)]  # search path
-    x = torch.randn(1000, generator=gen)
-    for _ in range(2):
-        for code in codes:
-            q, absmax = torch.ops.adam8.quantize_blockwise(x, code, 256)
-            q_ref, absmax_ref = quantize_reference(x, code, 256)
-            assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)
+    ulp = signed.clone()
+    ulp[150] = torch.nextafter(ulp[150], torch.tensor(2.0))
+    bound, moved = (signed[150] + signed[151]) / 2, (ulp[150] + ulp[151]) / 2
+    assert moved != bound
+    x = torch.rand(1000, generator=gen) * 1.8 - 0.9
+    x[:6] = torch.tensor([moved, bound, 1.0, -1.0, 1e-9, -1e-9])  # block 0's absmax is 1: values as given
+    q_signed, _ = quantize_reference(x, signed, 256)
+    q_ulp, _ = quantize_reference(x, ulp, 256)
+    assert q_signed[0] != q_ulp[0]  # the two codes' tables must not be confused
+    for code in [signed, ulp, signed, codes[1], signed, ulp] + [codes[i % 11] for i in range(22)]:
+        q, absmax = torch.ops.adam8.quantize_blockwise(x, code, 256)
+        q_ref, absmax_ref = quantize_reference(x, code, 256)
+        assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)

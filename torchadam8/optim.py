@@ -188,7 +188,6 @@ class Adam(torch.optim.Optimizer):
             if not hasattr(args, "optim_bits"):  # as in bitsandbytes, args.optim_bits wins over the class
                 values["optim_bits"] = self._fixed_bits
         self.args = SimpleNamespace(**_validated(values, name))
-        self._args_checked = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if not isinstance(amsgrad, bool):
             raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
         if not isinstance(page_out_after_step, bool):
@@ -347,16 +346,14 @@ class Adam(torch.optim.Optimizer):
         """The per-parameter work of a step for one group, done in plain Python: checks the
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
         anything changes), makes missing state, and sorts the parameters into batches (one op call
-        each). Appends each batch's tensors to ``tensors`` and returns the batches' layout, a
-        constant. torch.compile runs this method eagerly, at trace time, instead of tracing it
+        each). Appends each batch's tensors to ``tensors`` and returns the values of ``self.args``
+        it used (checked with ``check_all``) and the batches' layout, constants. torch.compile runs this method eagerly, at trace time, instead of tracing it
         (torch._dynamo's OptimizerVariable does so for any optimizer's ``_init_group``), guards on
         what it read, and marks the state tensors static for CUDA graphs: the traced step holds only
         the ops, and compiles in a fraction of the time."""
+        args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if check_all:
-            args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
-            if args != self._args_checked:
-                _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")
-                self._args_checked = args
+            _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")  # may have changed since
             for gi, g in enumerate(self.param_groups):
                 for pi, p in enumerate(g["params"]):
                     grad = p.grad
@@ -404,7 +401,7 @@ class Adam(torch.optim.Optimizer):
             for values in lists:
                 tensors.extend(values)
             layout.append((key, tuple(len(values) for values in lists), tuple(strided)))
-        return tuple(layout)
+        return args, tuple(layout)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -414,15 +411,17 @@ class Adam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         amp = _AmpState(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        # opt.args may change between steps (bitsandbytes reads it at each one). Comparing its values
-        # here, in the traced step, makes a compiled step guard on them: a change retraces, and
-        # _init_group (run eagerly) checks the new values.
-        self._args_changed = tuple(getattr(self.args, k) for k in ARGS_KEYS) != self._args_checked
+        # opt.args may change between steps (bitsandbytes reads it at each one). _init_group returns
+        # the values it used; branching on them below makes a compiled step guard on opt.args, so a
+        # change retraces (and _init_group, run eagerly at trace time, checks the new values).
+        args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"group {gi}")
         for gi, group in enumerate(self.param_groups):
             tensors: list = []
-            layout = self._init_group(group, tensors, gi == 0)
+            used, layout = self._init_group(group, tensors, gi == 0)
+            if used != args:  # never eagerly: the same values, read twice in one step
+                raise RuntimeError(f"{type(self).__name__}: opt.args changed during a step")
             if self._overrides_version != self._manager.version:  # (compiled: a guard, so new overrides retrace)
                 raise RuntimeError("torchadam8: GlobalOptimManager overrides changed during a step")
             hyper = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
