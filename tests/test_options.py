@@ -97,8 +97,11 @@ def assert_tracks(params, ref_params, eight_bit):
         assert torch.isfinite(p).all()
         scale = r.detach().abs().max()
         if eight_bit and p.numel() >= 4096:  # quantized states: codes may flip at decision bounds
+            # Typically 4e-7. When the flipped code is a block's largest, that block's scale moves and
+            # its 256 values drift together: over 1,000 seeds of percentile_clipping=5, 2% exceeded
+            # 1e-5, none 5.6e-5 (a bound of 1e-5 made this test fail one run in fifty).
             err = float((p - r).abs().mean() / scale)
-            assert err < 1e-5, (p.shape, err)
+            assert err < 1e-4, (p.shape, err)
         else:
             torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=2e-5 * float(scale))
 
