@@ -3,6 +3,7 @@ checkpoints, and bad input (a clear error, the optimizer untouched)."""
 
 import copy
 import inspect
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from ops_registry.adam import adam_reference
 from ops_registry.testing import EPS, assert_close_scaled
 from torchadam8 import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
 
-from conftest import copies, set_grads, step_both, through_torch_save
+from conftest import copies, set_grads, set_twin_grads, step_both, through_torch_save
 
 CLASSES = [Adam, Adam8bit, Adam32bit]
 SEED_SIGNATURE = (
@@ -374,3 +375,25 @@ def test_compiled_step_matches_eager():
 
     step_both(3, params, opt.step, twin, torch.compile(opt_twin.step, fullgraph=True), set_lr)
     assert_same(snapshot(opt, params), snapshot(opt_twin, twin))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls,kwargs", [(Adam8bit, dict(percentile_clipping=5, amsgrad=True)), (Adam32bit, {}),
+                                         (Adam, dict(optim_bits=8, args=SimpleNamespace(max_unorm=0.1)))])
+def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how):
+    """torch.optim.Optimizer pickles only defaults, state and param_groups; the options this class
+    adds (args, paging) travel too, so the copy steps exactly as the original from then on."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((70, 90), (17,))]
+    opt = cls(params, lr=1e-2, **kwargs)
+    for _ in range(2):
+        set_grads(params)
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twins = [p for g in twin.param_groups for p in g["params"]]
+    assert vars(twin.args) == vars(opt.args)
+    for _ in range(3):
+        set_twin_grads(params, twins)
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.detach(), q.detach())

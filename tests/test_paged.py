@@ -175,6 +175,12 @@ def test_deepcopy_of_a_paged_optimizer_stays_paged():
         for key, value in opt.state[p].items():
             copied = twin.state[q][key]
             assert torch.equal(copied, value) and unwrap(copied).data_ptr() != unwrap(value).data_ptr(), key
+    twins = [p for g in twin.param_groups for p in g["params"]]  # the copy steps as the original, still paged
+    set_twin_grads(params, twins)
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.detach(), q.detach()) and paged_keys(twin, q) == paged_keys(opt, p)
 
 
 def test_prefetch_and_page_out_by_hand_on_cpu():

@@ -203,6 +203,24 @@ class Adam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's (defaults, state, param_groups) and this class's options, so that a deep
+        copy or an unpickled optimizer can step (torch's alone would leave them out). Overrides of
+        GlobalOptimManager belong to parameter objects: the copy's new parameters have none."""
+        state = super().__getstate__()
+        state.update(args=self.args, _paged=self._paged, _page_out_after_step=self._page_out_after_step)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._manager = GlobalOptimManager.get_instance()
+        self._qmaps = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._qmap(p.device)
+        self._read_overrides()
+
     # ------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
