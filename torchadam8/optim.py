@@ -346,18 +346,17 @@ class Adam(torch.optim.Optimizer):
         for paged in self._paged_states().values():
             torch.ops.adam8.page_out(paged)
 
-    def _check_grad(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> None:
-        """A clear error naming the parameter when its gradient g cannot be used."""
-        if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-            where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
-            if g.is_sparse:
-                raise RuntimeError(f"{where} has a sparse gradient; Adam does not support sparse gradients, "
-                                   "use torch.optim.SparseAdam instead")
-            if g.dtype != p.dtype:
-                raise TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}; they must match")
-            if g.shape != p.shape:
-                raise ValueError(f"{where}: its gradient has shape {list(g.shape)}; it must match the parameter's")
-            raise ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
+    def _grad_error(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> Exception:
+        """The error naming the parameter, for a gradient g that _init_group found unusable."""
+        where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+        if g.is_sparse:
+            return RuntimeError(f"{where} has a sparse gradient; Adam does not support sparse gradients, "
+                                "use torch.optim.SparseAdam instead")
+        if g.dtype != p.dtype:
+            return TypeError(f"{where} has dtype {p.dtype} but its gradient has dtype {g.dtype}; they must match")
+        if g.shape != p.shape:
+            return ValueError(f"{where}: its gradient has shape {list(g.shape)}; it must match the parameter's")
+        return ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
 
     # ------------------------------------------------------------ step
     def _init_group(self, group: dict[str, Any], tensors: list, check_all: bool) -> tuple:
@@ -365,10 +364,11 @@ class Adam(torch.optim.Optimizer):
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
         anything changes), makes missing state, and sorts the parameters into batches (one op call
         each). Appends each batch's tensors to ``tensors`` and returns the values of ``self.args``
-        it used (checked with ``check_all``) and the batches' layout, constants. torch.compile runs this method eagerly, at trace time, instead of tracing it
-        (torch._dynamo's OptimizerVariable does so for any optimizer's ``_init_group``), guards on
-        what it read, and marks the state tensors static for CUDA graphs: the traced step holds only
-        the ops, and compiles in a fraction of the time."""
+        it used (checked with ``check_all``) and the batches' layout, constants. torch.compile runs
+        this method eagerly, at trace time, instead of tracing it (torch._dynamo's OptimizerVariable
+        does so for any optimizer's ``_init_group``), guards on what it read, and marks the state
+        tensors static for CUDA graphs: the traced step holds only the ops, and compiles in a
+        fraction of the time."""
         args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if check_all:
             _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")  # may have changed since
@@ -377,7 +377,7 @@ class Adam(torch.optim.Optimizer):
                     grad = p.grad
                     if grad is not None and (grad.dtype != p.dtype or grad.shape != p.shape or grad.is_sparse
                                              or grad.device != p.device):
-                        self._check_grad(p, grad, gi, pi)
+                        raise self._grad_error(p, grad, gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides()[gi]
         group_config = self._group_config(gi)
