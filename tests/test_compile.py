@@ -32,6 +32,25 @@ def make(cls, lr, options):
     return params, cls(params, lr=lr, **kwargs, **options)
 
 
+def compiled_against_eager(params, opt, twin, twin_opt, scheduler, **compile_options):
+    """One eager step of both (the state is made eagerly: its first compiled trace would differ), then
+    50 steps of opt compiled (dynamo counters cleared first) and of twin_opt eager, each under its
+    scheduler."""
+    set_twin_grads(params, twin, scale=1.0)
+    opt.step()
+    twin_opt.step()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(opt.step, fullgraph=True, **compile_options)  # before the scheduler wraps opt.step
+    sched, twin_sched = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](twin_opt)
+    for _ in range(50):
+        set_twin_grads(params, twin, scale=1.0)
+        compiled()
+        twin_opt.step()
+        sched.step()
+        twin_sched.step()
+
+
 CASES = [(lr_kind, scheduler) for scheduler in SCHEDULERS for lr_kind in ("tensor", "float")
          if lr_kind == "tensor" or scheduler == "LambdaLR"]
 
@@ -47,19 +66,7 @@ def test_compiled_step_with_scheduler_does_not_recompile(cls, options, scheduler
     twin_opt = type(opt)(twin, lr=torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2,
                          **(dict(optim_bits=8) if cls is Adam else {}), **OPTIONS[options])
 
-    set_twin_grads(params, twin, scale=1.0)
-    opt.step()  # the state is made eagerly (its first compiled trace would differ)
-    twin_opt.step()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(opt.step, fullgraph=True)  # before the scheduler wraps opt.step
-    sched, twin_sched = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](twin_opt)
-    for _ in range(50):
-        set_twin_grads(params, twin, scale=1.0)
-        compiled()
-        twin_opt.step()
-        sched.step()
-        twin_sched.step()
+    compiled_against_eager(params, opt, twin, twin_opt, scheduler)
     # A tensor lr never recompiles; a float one (lr, or OneCycleLR's beta1) once, when its first
     # change makes it a graph input.
     floats = lr_kind == "float" or scheduler == "OneCycleLR"
@@ -76,19 +83,7 @@ def test_dynamic_compile_never_recompiles_with_float_lr_and_betas(cls):
     params, opt = make(cls, 1e-2, {})
     twin = copies(params)
     twin_opt = cls(twin, lr=1e-2)
-    set_twin_grads(params, twin, scale=1.0)
-    opt.step()
-    twin_opt.step()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(opt.step, fullgraph=True, dynamic=True)
-    sched, twin_sched = SCHEDULERS["OneCycleLR"](opt), SCHEDULERS["OneCycleLR"](twin_opt)
-    for _ in range(50):
-        set_twin_grads(params, twin, scale=1.0)
-        compiled()
-        twin_opt.step()
-        sched.step()
-        twin_sched.step()
+    compiled_against_eager(params, opt, twin, twin_opt, "OneCycleLR", dynamic=True)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert opt.param_groups[0]["betas"][0] != 0.95  # the scheduler did move beta1
     for p, q in zip(params, twin):
