@@ -18,9 +18,12 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _fresh_state():
     random.seed(SEED)
     torch.manual_seed(SEED)
+    # Compiled steps share torch.optim's step wrapper, whose recompile limit (8) would otherwise
+    # carry over from test to test.
+    torch._dynamo.reset()
     yield
 
 
