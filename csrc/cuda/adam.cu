@@ -24,13 +24,17 @@ struct Hyper {
   double eps, weight_decay, max_unorm;
 };
 
+// The prologue: each tensor's constants for its next step count, and the count advanced (unless
+// GradScaler skips the step), one thread per tensor.
 template <class P>
-__global__ void scalars_kernel(P pack, const float* lr, const double* betas, Hyper h, AdamScalars* out) {
+__global__ void scalars_kernel(P pack, const float* lr, const double* betas, Hyper h, const float* skip,
+                               AdamScalars* out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t < pack.count) {
     const float grad_scale = pack.scale[t] != nullptr ? *pack.scale[t] : 1.0f;
-    out[t] = adam_scalars(*lr, static_cast<double>(*pack.step[t]) + 1.0, betas[0], betas[1], h.eps, h.weight_decay,
-                          grad_scale);
+    const float step = *pack.step[t] + 1.0f;  // as torch's step += 1, in float
+    out[t] = adam_scalars(*lr, step, betas[0], betas[1], h.eps, h.weight_decay, grad_scale);
+    if (!skip_step(skip)) *pack.step[t] = step;
   }
 }
 
@@ -39,30 +43,42 @@ __global__ void unorm_kernel(int count, const StepStats* stats, double max_unorm
   if (t < count) scalars[t].step_size *= unorm_scale(stats[t].dir_sq, stats[t].p_sq, scalars[t].bc1, max_unorm);
 }
 
-// Scratch of one pack: the constants of each tensor, and its stats when the update needs them.
+// Scratch of one op call: each tensor's constants and, when the update needs them, its stats
+// (zeroed: they are accumulated). One buffer for all packs, so a pack costs no allocation or memset.
 static_assert(sizeof(AdamScalars) % alignof(StepStats) == 0, "the stats follow the constants in one buffer");
 struct Scratch {
   at::Tensor bytes;
   AdamScalars* scalars;
   StepStats* stats;
+
+  Scratch(int64_t n, bool with_stats, const at::TensorOptions& options) {
+    const int64_t scalar_bytes = n * static_cast<int64_t>(sizeof(AdamScalars));
+    const int64_t stat_bytes = with_stats ? n * static_cast<int64_t>(sizeof(StepStats)) : 0;
+    bytes = at::empty({scalar_bytes + stat_bytes}, options.dtype(at::kByte));
+    scalars = reinterpret_cast<AdamScalars*>(bytes.data_ptr());
+    stats = with_stats ? reinterpret_cast<StepStats*>(bytes.data_ptr<uint8_t>() + scalar_bytes) : nullptr;
+    if (with_stats) bytes.narrow(0, scalar_bytes, stat_bytes).zero_();
+  }
+};
+
+// A pack's slots of the scratch (the next pack.count ones), its constants launched into them.
+struct PackScratch {
+  AdamScalars* scalars;
+  StepStats* stats;
 };
 
 template <class P>
-Scratch launch_scalars(const P& pack, const at::Tensor& lr, const at::Tensor& betas, const Hyper& h, bool with_stats,
-                       cudaStream_t stream) {
-  const int64_t n = pack.count;
-  Scratch s;
-  s.bytes = at::zeros({n * static_cast<int64_t>(sizeof(AdamScalars) + (with_stats ? sizeof(StepStats) : 0))},
-                      lr.options().dtype(at::kByte));
-  s.scalars = reinterpret_cast<AdamScalars*>(s.bytes.data_ptr());
-  s.stats = with_stats ? reinterpret_cast<StepStats*>(s.scalars + n) : nullptr;
+PackScratch launch_scalars(const P& pack, const at::Tensor& lr, const at::Tensor& betas, const Hyper& h,
+                           const float* skip, const Scratch& scratch, int64_t* used, cudaStream_t stream) {
+  const PackScratch s{scratch.scalars + *used, scratch.stats == nullptr ? nullptr : scratch.stats + *used};
+  *used += pack.count;
   scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), betas.data_ptr<double>(), h,
-                                                                s.scalars);
+                                                                skip, s.scalars);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return s;
 }
 
-void launch_unorm(const Scratch& s, int count, double max_unorm, cudaStream_t stream) {
+void launch_unorm(const PackScratch& s, int count, double max_unorm, cudaStream_t stream) {
   if (max_unorm <= 0.0) return;
   unorm_kernel<<<(count + 127) / 128, 128, 0, stream>>>(count, s.stats, max_unorm, s.scalars);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -183,14 +199,18 @@ struct Shared8 {
   float bounds[2][kCodeSize - 1];
 };
 
-__device__ void load_shared(Shared8& sh, const float* code1, const float* code2, const int32_t* luts) {
+// Fills `sh` and returns each code's view (the bounds only for a code its table cannot represent).
+__device__ void load_shared(Shared8& sh, const float* code1, const float* code2, const int32_t* luts,
+                           QuantLut (&view)[2]) {
   for (int c = 0; c < 2; ++c) {
-    const int4* src = reinterpret_cast<const int4*>(luts + c * kLutStride);
+    const int32_t* table = luts + c * kLutStride;
+    const int4* src = reinterpret_cast<const int4*>(table);
     int4* dst = reinterpret_cast<int4*>(sh.lut[c]);
     for (int i = threadIdx.x; i < kLutSize / 4; i += kThreads) dst[i] = src[i];
     const float* code = c == 0 ? code1 : code2;
     for (int i = threadIdx.x; i < kCodeSize; i += kThreads) sh.code[c][i] = code[i];
-    load_bounds(code, sh.bounds[c]);
+    view[c] = {sh.code[c], sh.bounds[c], sh.lut[c], lut_is_fast(table)};
+    if (!view[c].fast) load_bounds(code, sh.bounds[c]);
   }
   __syncthreads();
 }
@@ -285,9 +305,9 @@ __global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const Ad
   if (skip_step(skip)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem);
-  load_shared(sh, code1, code2, luts);
-  const QuantLut lut1{sh.code[0], sh.bounds[0], sh.lut[0], luts[kLutSize] == 0};
-  const QuantLut lut2{sh.code[1], sh.bounds[1], sh.lut[1], luts[kLutStride + kLutSize] == 0};
+  QuantLut view[2];
+  load_shared(sh, code1, code2, luts, view);
+  const QuantLut lut1 = view[0], lut2 = view[1];
   const int32_t chunks = pack.first_block[pack.count];
   for (int32_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int t = pack_tensor(pack, chunk);
@@ -367,12 +387,18 @@ void dispatch(bool flag, at::ScalarType dtype, F&& f) {
   });
 }
 
-// Each step count advances by one, or stays where GradScaler skipped the step.
-void advance_steps(at::TensorList steps, const c10::optional<at::Tensor>& found_inf) {
+// The step counts of empty tensors (which no pack holds, so no prologue advances) advance by one,
+// or stay where GradScaler skipped the step.
+void advance_empty_steps(at::TensorList params, at::TensorList steps, const c10::optional<at::Tensor>& found_inf) {
+  std::vector<at::Tensor> empty;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) empty.push_back(steps[i]);
+  }
+  if (empty.empty()) return;
   if (found_inf.has_value()) {
-    at::_foreach_add_(steps, found_inf->reshape({}).eq(0).to(at::kFloat));  // (1,) from GradScaler too
+    at::_foreach_add_(empty, found_inf->reshape({}).eq(0).to(at::kFloat));  // (1,) from GradScaler too
   } else {
-    at::_foreach_add_(steps, 1.0);
+    at::_foreach_add_(empty, 1.0);
   }
 }
 
@@ -395,6 +421,8 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0;
   const float* skip = skip_ptr(found_inf);
+  const Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
+  int64_t used = 0;
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!max_exp_avg_sqs.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -402,7 +430,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       for_each_pack<5, 384>(
           gather_lists<5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, idx), select(steps, idx),
           slots(gnorm_scales, idx), [&](const Pack32& pack, int32_t grid) {
-            const Scratch s = launch_scalars(pack, lr, betas_c, h, with_stats, stream);
+            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, &used, stream);
             if (with_stats) {
               adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats, skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -413,7 +441,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
           });
     });
   });
-  advance_steps(steps, found_inf);
+  advance_empty_steps(params, steps, found_inf);
 }
 
 void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
@@ -433,6 +461,8 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
   const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0 || !block_wise;
   const float* skip = skip_ptr(found_inf);
+  const Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
+  int64_t used = 0;
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!state3.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -440,7 +470,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
       for_each_pack<8, 256>(
           gather_lists<8>({params, grads, state1, state2, state3, absmax1, absmax2, absmax3}, idx),
           select(steps, idx), slots(gnorm_scales, idx), [&](const Pack8& pack, int32_t chunks) {
-            const Scratch s = launch_scalars(pack, lr, betas_c, h, with_stats, stream);
+            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, &used, stream);
             if (with_stats) {
               adam8bit_stats_kernel<A, T><<<chunks, kThreads, 0, stream>>>(
                   pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats,
@@ -472,7 +502,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
       }
     }
   }
-  advance_steps(steps, found_inf);
+  advance_empty_steps(params, steps, found_inf);
 }
 
 }  // namespace cuda

@@ -31,7 +31,7 @@ static_assert(kPerThread * 32 == kStateBlock, "one warp per state block");
 template <int kLists, int kMax>
 struct Pack {
   void* ptr[kLists][kMax];  // nullptr for a list not passed (amsgrad's, without amsgrad)
-  const float* step[kMax];
+  float* step[kMax];        // the tensor's step count (the Adam ops' prologue advances it)
   float* scale[kMax];  // the tensor's slot of a per-parameter float vector (gnorm factors), or nullptr
   int64_t numel[kMax];
   int32_t first_block[kMax + 1];  // first CUDA block of each tensor; [count] = grid size
@@ -236,16 +236,27 @@ inline std::vector<float*> slots(const c10::optional<at::Tensor>& vec, const std
 }
 
 // ---------------------------------------------------------------- code tables on the device
-// Per code: kLutSize entries, then one int counting the buckets the table cannot represent (0: fast),
-// padded so that every table starts 16-byte aligned.
-constexpr int64_t kLutStride = kLutSize + 4;
+// Per code: kLutSize entries, then one count per CUDA block of the build of the buckets the table
+// cannot represent (all zero: fast). Per-block counts need no zeroed counter, so a build is one
+// launch. The stride keeps every table 16-byte aligned.
+constexpr int kLutBuildBlocks = kLutSize / kThreads;
+static_assert(kLutSize % kThreads == 0 && (kLutSize + kLutBuildBlocks) % 4 == 0, "lut layout");
+constexpr int64_t kLutStride = kLutSize + kLutBuildBlocks;
 
-// Builds the tables of `codes` (each kCodeSize floats) on the current stream.
+// Builds the tables of `codes` (each kCodeSize floats, at most 2) on the current stream.
 at::Tensor build_luts(const std::vector<at::Tensor>& codes);
+
+// Whether the table built by build_luts represents its code (every block found no bad bucket).
+__device__ __forceinline__ bool lut_is_fast(const int32_t* table) {
+  int32_t bad = 0;
+#pragma unroll
+  for (int i = 0; i < kLutBuildBlocks; ++i) bad |= table[kLutSize + i];
+  return bad == 0;
+}
 
 // A code's view for the kernels; `bounds` points to shared memory filled by load_bounds.
 __device__ __forceinline__ QuantLut device_lut(const float* code, const int32_t* table, const float* bounds) {
-  return {code, bounds, table, table[kLutSize] == 0};
+  return {code, bounds, table, lut_is_fast(table)};
 }
 
 // Fills bounds[0..254] from code, for the binary search of codes the table cannot represent.

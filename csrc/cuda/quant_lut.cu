@@ -5,27 +5,33 @@ namespace adam8 {
 namespace cuda {
 namespace {
 
-__global__ void build_lut_kernel(const float* code, int32_t* table) {
+struct Codes {
+  const float* code[2];
+};
+
+// Block (x, y): kThreads buckets of code y; its last ints count the buckets it could not represent.
+__global__ void __launch_bounds__(kThreads) build_lut_kernel(Codes codes, int32_t* tables) {
   __shared__ float bounds[kCodeSize - 1];
-  load_bounds(code, bounds);
+  load_bounds(codes.code[blockIdx.y], bounds);
   __syncthreads();
-  const int32_t key = blockIdx.x * blockDim.x + threadIdx.x;
-  if (key >= kLutSize) return;
+  int32_t* table = tables + blockIdx.y * kLutStride;
+  const int32_t key = blockIdx.x * kThreads + threadIdx.x;  // < kLutSize: kLutBuildBlocks blocks
   bool ok = true;
   table[key] = lut_entry(bounds, key, &ok);
-  if (!ok) atomicAdd(table + kLutSize, 1);
+  const int bad = __syncthreads_count(!ok);
+  if (threadIdx.x == 0) table[kLutSize + blockIdx.x] = bad;
 }
 
 }  // namespace
 
 at::Tensor build_luts(const std::vector<at::Tensor>& codes) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor luts = at::zeros({static_cast<int64_t>(codes.size()), kLutStride}, codes[0].options().dtype(at::kInt));
-  for (size_t i = 0; i < codes.size(); ++i) {
-    const int blocks = (kLutSize + kThreads - 1) / kThreads;
-    build_lut_kernel<<<blocks, kThreads, 0, stream>>>(codes[i].data_ptr<float>(), luts[i].data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  TORCH_INTERNAL_ASSERT(!codes.empty() && codes.size() <= 2);
+  Codes args{};
+  for (size_t i = 0; i < codes.size(); ++i) args.code[i] = codes[i].data_ptr<float>();
+  at::Tensor luts = at::empty({static_cast<int64_t>(codes.size()), kLutStride}, codes[0].options().dtype(at::kInt));
+  const dim3 grid(kLutBuildBlocks, static_cast<unsigned>(codes.size()));
+  build_lut_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args, luts.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return luts;
 }
 
