@@ -60,3 +60,31 @@ def step_both(steps, params, step, twin_params, twin_step, before_step=lambda i:
         before_step(i)
         step()
         twin_step()
+
+
+# A traced graph as text (tests/test_graph.py, test_paged.py); here, not in test_graph, because the
+# GPU machine has no expecttest, which test_graph needs.
+SHORT = {torch.float32: "f32", torch.uint8: "u8"}
+
+
+def render(graph: torch.fx.Graph) -> str:
+    """One line per op; each input as dtype[shape]#position."""
+    names = {}
+    for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        val = node.meta["val"]
+        names[node] = f"{SHORT.get(val.dtype, val.dtype)}{list(val.shape)}#{i}"
+
+    def arg(a):
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(arg(x) for x in a) + "]"
+        return names.get(a, repr(a))
+
+    lines, self_copies = [], 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.copy_.default and node.args[0] is node.args[1]:
+            self_copies += 1
+            continue
+        lines.append(f"{node.target}({', '.join(arg(a) for a in node.args)})")
+    return "\n".join(lines + [f"{self_copies} self-copies"])

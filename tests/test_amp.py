@@ -119,6 +119,29 @@ def test_skipped_step_changes_nothing(device, cls, option):
                 assert torch.equal(opt.state[p][key], tensor), key
 
 
+@pytest.mark.parametrize("option", ["defaults", "percentile_clipping"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_and_found_inf_of_shape_one(device, option):
+    """A scaler whose scale and found_inf are (1,) tensors (GradScaler's are 0-dim) unscales as well:
+    the parameters equal an unscaled run's, bit for bit (the scale is a power of two)."""
+    model, data = model_and_data(device)
+    twin, _ = model_and_data(device)
+    opt = amp_optimizer(torchadam8.Adam8bit, model.parameters(), option)
+    ref = amp_optimizer(torchadam8.Adam8bit, twin.parameters(), option)
+    for x, y in data[:3]:
+        opt.zero_grad()
+        ref.zero_grad()
+        (torch.nn.functional.mse_loss(model(x), y) * 256.0).backward()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        opt.grad_scale = torch.full((1,), 256.0, device=device)
+        opt.found_inf = torch.zeros(1, device=device)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_compiled_step_with_gradscaler_equals_eager():
     model, data = model_and_data("cpu")
     twin, _ = model_and_data("cpu")

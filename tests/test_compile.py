@@ -120,3 +120,27 @@ def test_compiled_step_follows_changes_of_args(cls, dynamic):
         step()
     for p, q in zip(params, before):
         assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("cls", [Adam, Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_compiled_step_graph_takes_only_the_gradients_as_copied_inputs(cls, options):
+    """What a CUDA graph of the compiled step (mode="reduce-overhead") copies at each replay: its
+    inputs not marked static. Parameters, states and the 8-bit code tables must be static (they keep
+    their addresses); only the gradients may be copied in (lr is a float here: a constant)."""
+    params, opt = make(cls, 1e-3, OPTIONS[options])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # state made eagerly
+    copied = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("example_value")
+            static = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+            if isinstance(value, torch.Tensor) and not static:
+                copied.append(tuple(value.shape))
+        return gm.forward
+
+    torch.compile(opt.step, backend=backend, fullgraph=True)()
+    assert sorted(copied) == sorted(tuple(p.shape) for p in params)

@@ -123,6 +123,10 @@ def test_step_does_not_synchronize(options):
         opt.step()
         opt.param_groups[0]["lr"] = 5e-4
         opt.step()
+        # hyperparameters as host tensors: copied to the GPU without waiting for it
+        opt.param_groups[0]["lr"] = torch.tensor(3e-4)
+        opt.param_groups[0]["betas"] = (torch.tensor(0.8), 0.99)
+        opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

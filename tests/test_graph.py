@@ -7,31 +7,7 @@ import torch
 import torch._inductor.fx_passes.post_grad as post_grad
 
 import torchadam8
-
-SHORT = {torch.float32: "f32", torch.uint8: "u8"}
-
-
-def render(graph: torch.fx.Graph) -> str:
-    """One line per op; each input as dtype[shape]#position."""
-    names = {}
-    for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
-        val = node.meta["val"]
-        names[node] = f"{SHORT.get(val.dtype, val.dtype)}{list(val.shape)}#{i}"
-
-    def arg(a):
-        if isinstance(a, (list, tuple)):
-            return "[" + ", ".join(arg(x) for x in a) + "]"
-        return names.get(a, repr(a))
-
-    lines, self_copies = [], 0
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is torch.ops.aten.copy_.default and node.args[0] is node.args[1]:
-            self_copies += 1
-            continue
-        lines.append(f"{node.target}({', '.join(arg(a) for a in node.args)})")
-    return "\n".join(lines + [f"{self_copies} self-copies"])
+from conftest import render
 
 
 class TestCompiledStepGraph(expecttest.TestCase):

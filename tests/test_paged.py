@@ -17,8 +17,7 @@ from torchadam8 import PagedTensor
 from torchadam8.bench import captured
 from torchadam8.paged import unwrap
 
-from conftest import DEVICES, copies, set_grads, set_twin_grads, through_torch_save
-from test_graph import render
+from conftest import DEVICES, copies, render, set_grads, set_twin_grads, through_torch_save
 
 PAIRS = [(torchadam8.PagedAdam8bit, torchadam8.Adam8bit), (torchadam8.PagedAdam32bit, torchadam8.Adam32bit),
          (torchadam8.PagedAdam, torchadam8.Adam)]

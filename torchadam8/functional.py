@@ -33,11 +33,18 @@ def _eager_constant(key: tuple, make) -> torch.Tensor:
     return value
 
 
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar hyperparameter tensor on the parameters' device. From the host, the copy does not
+    wait for the GPU (non_blocking: CUDA stages pageable host memory before the call returns, so
+    the source may change afterwards; a blocking copy would synchronize every step)."""
+    return t.to(device=device, dtype=dtype, non_blocking=t.device.type == "cpu").reshape(())
+
+
 def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The learning rate as the float32 scalar tensor the ops read (a tensor, never a constant
     baked into a compiled graph or a captured CUDA graph)."""
     if isinstance(lr, torch.Tensor):
-        return lr.to(device=device, dtype=torch.float32).reshape(())
+        return _to_device(lr, device, torch.float32)
     # ones * lr, not torch.full / torch.tensor: compiled, a float lr then becomes a graph input after
     # its first change (those specialize on its value and recompile at every change).
     return _eager_constant((torch.device(device), "lr", lr),
@@ -49,7 +56,7 @@ def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, devic
     graph, so a scheduler changing beta1 (OneCycleLR's cycle_momentum) does not recompile."""
     def make():
         one = torch.ones((), dtype=torch.float64, device=device)
-        return torch.stack([one * b if not isinstance(b, torch.Tensor) else b.to(device, torch.float64).reshape(())
+        return torch.stack([one * b if not isinstance(b, torch.Tensor) else _to_device(b, device, torch.float64)
                             for b in (beta1, beta2)])
 
     if isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):

@@ -86,7 +86,8 @@ class _AmpState:
             inv = found = None
             async_copy = device.type == "cuda"  # to the host, a non-blocking copy could be read before it lands
             if self.grad_scale is not None:
-                inv = self.grad_scale.to(device=device, dtype=torch.float32, non_blocking=async_copy).reciprocal()
+                scale = self.grad_scale.to(device=device, dtype=torch.float32, non_blocking=async_copy)
+                inv = scale.reshape(()).reciprocal()  # 0-dim, as _foreach_mul_ needs, from a (1,) scale too
             if self.found_inf is not None:
                 found = self.found_inf.to(device=device, dtype=torch.float32, non_blocking=async_copy).reshape(())
             self.by_device[device] = (inv, found)
@@ -288,7 +289,10 @@ class Adam(torch.optim.Optimizer):
 
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._qmaps:
-            self._qmaps[device] = dynamic_maps(device)
+            maps = dynamic_maps(device)
+            for q in maps:  # constants: a compiled step's CUDA graph keeps them, as the states, uncopied
+                torch._dynamo.mark_static_address(q)
+            self._qmaps[device] = maps
         return self._qmaps[device]
 
     def _state_spec(self, p: torch.Tensor, config: dict[str, Any] | None = None
