@@ -32,9 +32,12 @@ timeout 220 python3 -m torchadam8.build --require-cuda 2>&1 | tee "$out/build.lo
 stage "GPU tests"
 # No gdb on the device: a SIGSEGV handler preloaded into pytest prints the native backtrace.
 gcc -shared -fPIC -o /tmp/segv_bt.so scripts/segv_bt.c && export LD_PRELOAD=/tmp/segv_bt.so
-# Error inputs run in a second process, so a crash there cannot hide the other results.
-timeout 170 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_bnb_options.py \
-  tests/test_amp.py tests/test_paged.py -k "(cuda or gpu or managed or paged) and not error_input" > "$out/tests.log" 2>&1
+# Error inputs run in a second process, so a crash there cannot hide the other results. -k also
+# matches module names: every test of test_cuda.py, the cuda-parametrized ones elsewhere, and
+# test_paged's GPU tests (managed, synchronize, cuda_graph), not its CPU ones.
+timeout 240 python3 -m pytest -v -p no:cacheprovider --continue-on-collection-errors tests/test_cuda.py \
+  tests/test_ops.py tests/test_bnb_options.py tests/test_amp.py tests/test_paged.py \
+  -k "(cuda or managed or synchronize) and not error_input" > "$out/tests.log" 2>&1
 tests_rc=$?
 timeout 40 python3 -m pytest -v -p no:cacheprovider tests/test_ops.py -k "cuda and error_input" > "$out/tests_errors.log" 2>&1
 errors_rc=$?
@@ -57,6 +60,19 @@ timeout 60 python3 -m torchadam8.bench --device cuda --graph --sets small-many,g
 stage "benchmark, paged states (managed memory), with and without page-out"
 timeout 60 python3 -m torchadam8.bench --device cuda --paged --sets gpt2-medium --dtypes fp32 --steps 10 \
   --peers torchadam8,fused 2>&1 | tee "$out/bench_paged.log" | grep -v "^|" | tail -3
+
+# Kernel tuning, only while there is time left (SECONDS: since the script started): the 8-bit
+# update at 4 blocks per SM (64 registers) against the default build, one tensor of 1B values.
+if [ "$quick" != "quick" ] && [ "$SECONDS" -lt 420 ]; then
+  stage "tuning: 8-bit update at ADAM8_8BIT_MIN_BLOCKS=4 vs the default build"
+  tune_args=(--device cuda --sets single --steps 10 --peers torchadam8.adam8bit)
+  timeout 60 python3 -m torchadam8.bench "${tune_args[@]}" > "$out/tune_default.log" 2>&1
+  TORCHADAM8_CUDA_FLAGS="-DADAM8_8BIT_MIN_BLOCKS=4" TORCHADAM8_BUILD_DIR=/tmp/torchadam8-build-tune \
+    timeout 150 python3 -m torchadam8.bench "${tune_args[@]}" > "$out/tune_minblocks4.log" 2>&1
+  for log in tune_default tune_minblocks4; do
+    echo "$log:"; grep -E "^\| torchadam8.Adam8bit" "$out/$log.log" || tail -3 "$out/$log.log"
+  done
+fi
 
 stage "summary"
 echo "tests: $(tail -1 "$out/tests.log") (rc $tests_rc); error inputs: $(tail -1 "$out/tests_errors.log") (rc $errors_rc)"

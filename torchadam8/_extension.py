@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -140,7 +141,10 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
             name=NAME,
             sources=[str(s) for s in _sources(with_cuda)],
             extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA"],
+            # TORCHADAM8_CUDA_FLAGS: extra nvcc flags for kernel-tuning experiments (scripts/gpu_check.sh);
+            # give such a build its own TORCHADAM8_BUILD_DIR.
+            extra_cuda_cflags=["-O3", "--fmad=false", "-lineinfo", "-DADAM8_WITH_CUDA",
+                               *shlex.split(os.environ.get("TORCHADAM8_CUDA_FLAGS", ""))],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             with_cuda=with_cuda,

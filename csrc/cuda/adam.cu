@@ -296,9 +296,17 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
   if (kAmsgrad) store_codes(static_cast<uint8_t*>(pack.ptr[4][t]) + x.offset, valid, x.vec, x.c3);
 }
 
+// Blocks of the 8-bit update asked to fit on one SM. At 1 the compiler gives it 78-80 registers
+// (sm_90, without amsgrad), so 3 blocks fit; 4 (the shared-memory limit) caps it at 64 registers
+// with 16-24 bytes of spill. Which is faster is for a GPU to say (scripts/gpu_check.sh measures
+// both); overridable at build time through TORCHADAM8_CUDA_FLAGS.
+#ifndef ADAM8_8BIT_MIN_BLOCKS
+#define ADAM8_8BIT_MIN_BLOCKS 1
+#endif
+
 // The update. `stats` (per-tensor scales) is nullptr for blockwise scales.
 template <bool kAmsgrad, class T>
-__global__ void __launch_bounds__(kThreads) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros,
+__global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros,
                                                             const StepStats* stats, const float* code1,
                                                             const float* code2, const int32_t* luts,
                                                             const float* skip) {
