@@ -144,12 +144,12 @@ ADAM8_HD float unorm_scale(double dir_sq, double p_sq, float bc1, double max_uno
 // ---------------------------------------------------------------- percentile clipping
 constexpr int kGnormHistory = 100;
 
-// Records the squared gradient norm of step t (>= 1) in the history (slot t mod 100; step 1 fills
-// every slot) and returns the factor on the gradient: clip / norm when the norm exceeds the clip,
+// Records the squared gradient norm of step t (>= 1) in the history (slot t mod 100; step 1, or a
+// history with nothing recorded yet, marked by a negative slot 0, fills every slot) and returns the factor on the gradient: clip / norm when the norm exceeds the clip,
 // the square root of the `percentile`-th smallest recorded value (bitsandbytes 0.49's rule).
 ADAM8_HD float record_gnorm(float* history, double norm_sq, double t, int64_t percentile) {
   const float value = static_cast<float>(norm_sq);
-  if (t <= 1.0) {
+  if (t <= 1.0 || history[0] < 0.0f) {  // first record (negative: a history made mid-training)
     for (int i = 0; i < kGnormHistory; ++i) history[i] = value;
   } else {
     history[static_cast<int64_t>(fmod(t, static_cast<double>(kGnormHistory)))] = value;

@@ -40,13 +40,14 @@ def clipping_fake(grads, gnorm_vecs, steps, percentile, scales):
 
 def clipping_reference(grads, gnorm_vecs, steps, percentile, scales):
     """For step t = steps + 1: the squared norm of the finite gradient elements goes to slot
-    t mod 100 of the history (every slot at t = 1); the clip is the square root of entry
+    t mod 100 of the history (every slot at t = 1, or when the history is unrecorded: slot 0
+    negative); the clip is the square root of entry
     `percentile` of the sorted history; the factor is clip / norm when the norm exceeds it, else 1."""
     for i, (g, history, step) in enumerate(zip(grads, gnorm_vecs, steps)):
         g = g.double()
         norm_sq = torch.where(g.isfinite(), g, 0.0).square().sum().float()
         t = int(step.item()) + 1
-        if t <= 1:
+        if t <= 1 or history[0] < 0:
             history.fill_(norm_sq)
         else:
             history[t % HISTORY] = norm_sq
@@ -66,7 +67,10 @@ def _sample(n_grads, device, nonfinite=False, dtypes=checks.PARAM_DTYPES):
             g[random.randrange(numel)] = float("nan")
             g[random.randrange(numel)] = float("inf")
         grads.append(g)
-        histories.append(randn(HISTORY, device=device, positive=True) * random.choice((1e-3, 1.0, 1e3)))
+        if random.random() < 0.2:  # unrecorded (made mid-training): every slot gets this norm
+            histories.append(torch.full((HISTORY,), -1.0, device=device))
+        else:
+            histories.append(randn(HISTORY, device=device, positive=True) * random.choice((1e-3, 1.0, 1e3)))
         steps.append(torch.tensor(float(random.choice((0, 1, 99, 100, random.randint(2, 500)))), device=device))
     scales = torch.full((n_grads,), -1.0, device=device)  # every element is written
     return SampleInput((grads, histories, steps, random.choice((0, 5, 50, 99)), scales), {})

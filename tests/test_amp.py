@@ -142,6 +142,32 @@ def test_grad_scale_and_found_inf_of_shape_one(device, option):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("cls", [torchadam8.Adam8bit, torchadam8.Adam32bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("device", DEVICES)
+def test_clipping_turned_on_mid_training_under_gradscaler(device, cls):
+    """Percentile clipping switched on after some steps starts its history from this step's
+    unscaled norm: a GradScaler run equals an unscaled one, bit for bit (a history seeded from the
+    scaled gradient would hold norms 2^20 times too large and clip nothing)."""
+    model, data = model_and_data(device)
+    twin, _ = model_and_data(device)
+    opt = cls(model.parameters(), lr=1e-2, min_8bit_size=1)
+    ref = cls(twin.parameters(), lr=1e-2, min_8bit_size=1)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1000)
+    for i, (x, y) in enumerate(data[:8]):
+        if i == 3:
+            opt.args.percentile_clipping = ref.args.percentile_clipping = 5
+        opt.zero_grad()
+        ref.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(opt.state[p]["gnorm_vec"], ref.state[q]["gnorm_vec"])
+        assert torch.equal(p, q)
+
+
 def test_compiled_step_with_gradscaler_equals_eager():
     model, data = model_and_data("cpu")
     twin, _ = model_and_data("cpu")

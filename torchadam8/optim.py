@@ -405,7 +405,9 @@ class Adam(torch.optim.Optimizer):
             else:
                 options = group_options
             if options[0] < 100 and "gnorm_vec" not in state:  # clipping turned on after the state was made
-                state["gnorm_vec"] = grad.float().square().sum().expand(100).clone()
+                # Negative: unrecorded, so the op fills every slot with this step's norm, taken after
+                # GradScaler's unscaling and over finite elements, as at step 1.
+                state["gnorm_vec"] = torch.full((100,), -1.0, device=p.device)
             eight_bit = state["state1"].dtype == torch.uint8
             # The state's layout decides (a later override cannot reshape it).
             block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
