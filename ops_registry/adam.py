@@ -210,9 +210,13 @@ def _adam_sample(shapes, dtypes, device, transposed=False, options=()):
     return SampleInput((params, grads, m, v, vm, steps, lr, betas, scales, found_inf), {**hyper, **kwargs})
 
 
-def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=()):
+def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=(), search_codes=False):
     params, grads, steps = _params(shapes, dtypes, device, transposed, options)
-    qmap1, qmap2 = make_code(True, device), make_code(False, device)
+    if search_codes:  # random codes: their lookup tables cannot be exact, so the kernels search
+        qmap1 = (torch.rand(256, device=device) * 2 - 1).sort().values
+        qmap2 = torch.rand(256, device=device).sort().values
+    else:
+        qmap1, qmap2 = make_code(True, device), make_code(False, device)
     block_wise = "per_tensor" not in options
     lists = {k: [] for k in ("s1", "s2", "s3", "a1", "a2", "a3")}
     for p in params:
@@ -255,6 +259,7 @@ def adam_samples(device):
 
 def adam8bit_samples(device):
     yield from _samples(_adam8bit_sample, device, OPTIONS, 700)
+    yield _adam8bit_sample(SHAPES, _mixed_dtypes(len(SHAPES)), device, search_codes=True)
 
 
 def adam_sweep(device, dtype, numel):
