@@ -88,17 +88,19 @@ ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double b
 }
 
 // The new moments of one lane, in place; returns where the parameter is updated. A non-finite
-// gradient element (NaN or inf after scaling) updates nothing and resets its m and v to 0
-// (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an element
+// gradient element (NaN or inf after scaling, or one whose square overflows float32: its v would be
+// inf, and an inf absmax turns a whole 8-bit block into NaN) updates nothing and resets its m and v
+// to 0 (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an element
 // whose gradient is exactly 0 keeps p, m, v as they were. `vm` is amsgrad's running maximum of v,
 // untouched unless kAmsgrad.
 template <bool kAmsgrad, class V>
 ADAM8_HD auto adam_moments(V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
   g = g * V(s.grad_scale);
-  const auto finite = vlt(vabs(g), V(INFINITY));  // false for NaN
+  const V g2 = g * g;
+  const auto finite = vlt(g2, V(INFINITY));  // false for NaN, inf and an overflowing square
   const auto update = skip_zeros ? mand(finite, vne(g, V(0.0f))) : finite;
   const V m_new = fmadd(V(s.beta1), m, V(s.one_minus_beta1) * g);
-  const V v_new = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * (g * g));
+  const V v_new = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * g2);
   m = vselect(update, m_new, vselect(finite, m, V(0.0f)));
   v = vselect(update, v_new, vselect(finite, v, V(0.0f)));
   if (kAmsgrad) vm = vselect(update, vmax(vm, v_new), vm);

@@ -67,13 +67,15 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     p, m, v, vm (vm None without amsgrad).
 
     AdamW (Loshchilov & Hutter, Algorithm 2; amsgrad as torch.optim.AdamW) on g * grad_scale.
-    Elements whose scaled gradient is not finite are not updated and get m = v = 0; with
+    Elements whose scaled gradient is not finite, or whose square in float32 is not (its v would
+    overflow), are not updated and get m = v = 0; with
     skip_zeros, elements whose gradient is 0 keep p, m, v. max_unorm > 0 scales the step so that
     the norm of m_hat / (sqrt(v_hat) + eps) stays within max_unorm times the norm of p.
     """
+    g32 = g.float() * torch.tensor(grad_scale, dtype=torch.float32, device=g.device)
+    finite = (g32 * g32).isfinite()
     g = g.double() * grad_scale
     m, v, p = m.double(), v.double(), p.double()
-    finite = g.isfinite()
     update = finite & (g != 0) if skip_zeros else finite
     g = torch.where(finite, g, 0.0)
     m_new = beta1 * m + (1 - beta1) * g
@@ -178,6 +180,7 @@ def _params(shapes, dtypes, device, transposed, options):
         if "nonfinite" in options and g.numel() > 2:
             flat[random.randrange(g.numel())] = float("nan")
             flat[random.randrange(g.numel())] = random.choice((float("inf"), float("-inf")))
+            flat[random.randrange(g.numel())] = random.choice((1e20, -3e19))  # finite; its square is not
     steps = [torch.tensor(float(random.randint(0, 300)), device=device) for _ in params]
     return params, grads, steps
 

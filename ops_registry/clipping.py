@@ -44,8 +44,8 @@ def clipping_reference(grads, gnorm_vecs, steps, percentile, scales):
     negative); the clip is the square root of entry
     `percentile` of the sorted history; the factor is clip / norm when the norm exceeds it, else 1."""
     for i, (g, history, step) in enumerate(zip(grads, gnorm_vecs, steps)):
-        g = g.double()
-        norm_sq = torch.where(g.isfinite(), g, 0.0).square().sum().float()
+        finite = (g.float() * g.float()).isfinite()  # as the update counts them
+        norm_sq = torch.where(finite, g.double(), 0.0).square().sum().float()
         t = int(step.item()) + 1
         if t <= 1 or history[0] < 0:
             history.fill_(norm_sq)
@@ -66,6 +66,7 @@ def _sample(n_grads, device, nonfinite=False, dtypes=checks.PARAM_DTYPES):
         if nonfinite and numel > 2:
             g[random.randrange(numel)] = float("nan")
             g[random.randrange(numel)] = float("inf")
+            g[random.randrange(numel)] = 1e20  # finite; its float square is not
         grads.append(g)
         if random.random() < 0.2:  # unrecorded (made mid-training): every slot gets this norm
             histories.append(torch.full((HISTORY,), -1.0, device=device))

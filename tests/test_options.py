@@ -160,6 +160,28 @@ def test_non_finite_gradients_skip_the_element_and_reset_its_moments(cls, eight_
     assert torch.isfinite(state["gnorm_vec"]).all()
 
 
+@pytest.mark.parametrize("options", [dict(optim_bits=32), dict(optim_bits=8), dict(optim_bits=8, block_wise=False)],
+                         ids=["32bit", "8bit", "8bit-per_tensor"])
+def test_gradient_whose_square_overflows_freezes_only_its_element(options):
+    """A finite gradient of 1e20: its square overflows float32, so v would be inf, and an 8-bit
+    block (or tensor) whose absmax is inf decodes as NaN at the next step. The element is treated as
+    non-finite instead: unchanged, moments 0; every other element steps normally, with no NaN."""
+    p = torch.nn.Parameter(torch.randn(1024))
+    opt = Adam([p], min_8bit_size=0, **options)
+    for t in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(1024)
+        if t == 0:
+            p.grad[0] = 1e20
+        opt.step()
+        assert torch.isfinite(p).all(), int((~torch.isfinite(p)).sum())
+        assert (p[1:] != before[1:]).all()
+        if t == 0:
+            assert p[0] == before[0]
+    state = opt.state[p]
+    assert all(torch.isfinite(state[k]).all() for k in ("absmax1", "absmax2") if k in state)
+
+
 def test_percentile_clipping_history_is_kept_on_device_state():
     params = [torch.nn.Parameter(torch.randn(500))]
     opt = Adam8bit(params, percentile_clipping=5, min_8bit_size=0)

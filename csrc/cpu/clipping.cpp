@@ -15,14 +15,15 @@ namespace adam8 {
 namespace cpu {
 namespace {
 
-// Sum of the squares of the finite elements, each square exact in double and added in double: the
-// result rounds to the same float whatever the order of the additions (the CUDA kernel's differs).
+// Sum of the squares of the finite elements (those whose float square is finite, as the update
+// counts them), each square exact in double and added in double: the result rounds to the same
+// float whatever the order of the additions (the CUDA kernel's differs).
 template <class T>
 double finite_sum_sq(const T* g, int64_t n) {
   double sum[4] = {0.0, 0.0, 0.0, 0.0};  // independent chains
   for (int64_t i = 0; i < n; ++i) {
     const float x = load_lane(g + i);
-    if (vlt(vabs(x), INFINITY)) sum[i & 3] += static_cast<double>(x) * static_cast<double>(x);
+    if (vlt(x * x, INFINITY)) sum[i & 3] += static_cast<double>(x) * static_cast<double>(x);
   }
   return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads) sum_squares_kernel(PackClip pack, do
   double sum = 0.0;  // squares exact in double, as on the CPU: both round to the same float norm
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    sum += vlt(vabs(g[j]), INFINITY) ? static_cast<double>(g[j]) * static_cast<double>(g[j]) : 0.0;
+    sum += vlt(g[j] * g[j], INFINITY) ? static_cast<double>(g[j]) * static_cast<double>(g[j]) : 0.0;
   }
   const double total = warp_sum(sum);
   if (threadIdx.x % 32 == 0) atomicAdd(sums + t, total);
