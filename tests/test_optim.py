@@ -12,7 +12,7 @@ import torch
 import torchadam8
 from ops_registry.adam import adam_reference
 from ops_registry.testing import EPS, assert_close_scaled
-from torchadam8 import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
+from torchadam8 import Adam, Adam8bit, Adam32bit, GlobalOptimManager, PagedAdam, PagedAdam8bit, PagedAdam32bit
 
 from conftest import copies, set_grads, set_twin_grads, step_both, through_torch_save
 
@@ -139,6 +139,43 @@ def test_parameters_without_grad_are_skipped_and_empty_ones_work():
     assert opt.state[params[1]]["state1"].numel() == 0
 
 
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_empty_parameters_with_8bit_state(block_wise):
+    """Zero-size parameters given 8-bit state (min_8bit_size=0), block-wise or with one scale per
+    tensor: the step leaves them empty, advances their step counts, and updates the others."""
+    params = make_params(((0,), (3, 0), (500,)))
+    opt = Adam8bit(params, min_8bit_size=0, block_wise=block_wise)
+    set_grads(params)
+    before = params[2].detach().clone()
+    opt.step()
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in params] == [2.0, 2.0, 2.0]
+    assert opt.state[params[0]]["state1"].dtype == torch.uint8 and params[1].shape == (3, 0)
+    assert (params[2] != before).all()
+
+
+def test_complete_args_object_is_read_at_each_step():
+    """As in bitsandbytes, an args object with every option is kept: changing it changes the next
+    step (here, percentile clipping turned on makes its history); a partial one completes a copy."""
+    params = make_params(((5000,),))
+    args = SimpleNamespace(optim_bits=8, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                           max_unorm=0.0, skip_zeros=False)
+    opt = Adam8bit(params, args=args)
+    assert opt.args is args
+    set_grads(params)
+    opt.step()
+    assert "gnorm_vec" not in opt.state[params[0]]
+    args.percentile_clipping = 5
+    opt.step()
+    assert "gnorm_vec" in opt.state[params[0]]
+    args.percentile_clipping = 101
+    with pytest.raises(ValueError, match="percentile_clipping must be an int in 0..100, got 101"):
+        opt.step()
+    partial = SimpleNamespace(min_8bit_size=10)
+    opt = Adam8bit(params, args=partial)
+    assert opt.args is not partial and opt.args.min_8bit_size == 10 and opt.args.optim_bits == 8
+
+
 def test_args_object_replaces_constructor_values():
     params = make_params(((300,), (100,)))
     set_grads(params)
@@ -240,6 +277,12 @@ def _broken_state_dicts():
     def missing(sd):
         del sd["state"][1]["step"]
 
+    def betas(sd):
+        sd["param_groups"][0]["betas"] = (0.9,)
+
+    def lr(sd):
+        sd["param_groups"][0]["lr"] = -1.0
+
     return [
         (shape, r"state1 has shape \[100\] but the parameter has shape \[5000\]"),
         (groups, r"has 2 parameter groups but the optimizer has 1"),
@@ -247,6 +290,8 @@ def _broken_state_dicts():
         (absmax, r"absmax1 must be a float32 tensor of shape \[20\]"),
         (dtype, r"state2 has dtype torch.float64; expected torch.float32"),
         (missing, r"expected state keys \['state1', 'state2', 'step'\]"),
+        (betas, r"group 0 of the loaded state dict: Invalid betas: \(0.9,\); expected a pair"),
+        (lr, r"group 0 of the loaded state dict: Invalid learning rate: -1.0"),
     ]
 
 
@@ -259,6 +304,62 @@ def test_mismatched_state_dict_is_refused_and_changes_nothing(breaker, regex):
     with pytest.raises(ValueError, match=regex):
         opt.load_state_dict(sd)
     assert_same(before, snapshot(opt, params))
+
+
+def test_loaded_group_without_a_hyperparameter_takes_the_default():
+    params, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["eps"]
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["eps"] == opt.defaults["eps"]
+    set_grads(params)
+    opt.step()
+
+
+CHANGES = {
+    "amsgrad_on": lambda opt, p: opt.param_groups[0].update(amsgrad=True),
+    "amsgrad_off": lambda opt, p: opt.param_groups[0].update(amsgrad=False),
+    "clipping_off": lambda opt, p: setattr(opt.args, "percentile_clipping", 100),
+    "optim_bits": lambda opt, p: setattr(opt.args, "optim_bits", 32),
+    "block_wise": lambda opt, p: setattr(opt.args, "block_wise", False),
+    "override": lambda opt, p: GlobalOptimManager.get_instance().override_config(p, "optim_bits", 32),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_state_dict_round_trips_after_options_change(change):
+    """Options changed after the state was made (the state keeps its kind, except amsgrad, which
+    is switched at the next step): what the optimizer saves, it loads, right after the change and
+    after a step with it."""
+    GlobalOptimManager.get_instance().initialize()
+    params = make_params(((5000,), (300,)))
+    opt = Adam8bit(params, min_8bit_size=256, percentile_clipping=5, amsgrad=change == "amsgrad_off")
+    set_grads(params)
+    opt.step()
+    CHANGES[change](opt, params[0])
+    try:
+        for _ in range(2):
+            saved = snapshot(opt, params)
+            opt.load_state_dict(through_torch_save(saved[1]))
+            assert_same(saved, snapshot(opt, params))
+            set_grads(params)
+            opt.step()
+    finally:
+        GlobalOptimManager.get_instance().initialize()
+    assert ("state3" in opt.state[params[0]]) == (change == "amsgrad_on")
+
+
+def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
+    params = make_params(((300,),))
+    opt = Adam32bit(params)
+    set_grads(params)
+    opt.step()
+    v_before = opt.state[params[0]]["state2"].clone()
+    opt.param_groups[0]["amsgrad"] = True
+    set_grads(params)
+    opt.step()
+    state = opt.state[params[0]]
+    assert torch.equal(state["state3"], torch.maximum(v_before, state["state2"]))
 
 
 def test_8bit_checkpoint_into_32bit_optimizer_is_refused():
@@ -281,8 +382,8 @@ CONSTRUCTION_ERRORS = [
     (dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
     (dict(min_8bit_size=-1), ValueError, "min_8bit_size must be an int >= 0"),
     (dict(amsgrad=1), ValueError, "amsgrad must be a bool, got 1"),
-    (dict(percentile_clipping=0), ValueError, "percentile_clipping must be an int in 1..100, got 0"),
-    (dict(percentile_clipping=95.0), ValueError, "percentile_clipping must be an int in 1..100, got 95.0"),
+    (dict(percentile_clipping=-1), ValueError, "percentile_clipping must be an int in 0..100, got -1"),
+    (dict(percentile_clipping=95.0), ValueError, "percentile_clipping must be an int in 0..100, got 95.0"),
     (dict(block_wise="no"), ValueError, "block_wise must be a bool, got 'no'"),
     (dict(page_out_after_step=True), ValueError, "page_out_after_step=True needs paged states"),
     (dict(is_paged=True, page_out_after_step=1), ValueError, "page_out_after_step must be a bool, got 1"),
@@ -308,6 +409,17 @@ def test_bad_constructor_arguments(kwargs, error, message):
 def test_bad_parameters(param, message):
     with pytest.raises(ValueError, match=message):
         Adam8bit([torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(param, requires_grad=False)])
+
+
+def test_parameters_listed_twice_not_tensors_or_in_a_set_are_refused():
+    p, q = make_params(((300,), (20,)))
+    # twice in a group: the kernels would update one memory twice at once (results varied run to run)
+    with pytest.raises(ValueError, match=r"parameter 2 of group 0 is parameter 0 again; list each parameter once"):
+        Adam8bit([p, q, p])
+    with pytest.raises(TypeError, match=r"parameter 1 of group 0 is a float, not a torch.Tensor"):
+        Adam8bit([p, 1.0])
+    with pytest.raises(TypeError, match=r"the parameters of group 0 are a set"):
+        Adam8bit([{"params": {p, q}}])
 
 
 def _grad_breakers():

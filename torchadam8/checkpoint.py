@@ -103,10 +103,18 @@ def validated_state(opt, state_dict: dict[str, Any]):
             raise ValueError(f"{where}: the loaded state dict has state for parameter id {key!r}, which no group lists")
         p = id_map[key]
         state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb)
+    from .optim import check_hyperparameters  # (optim imports this module)
+
     new_groups = []
-    for group, saved in zip(groups, saved_groups):
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
         dropped = _BNB_GROUP_KEYS if from_bnb else ()
-        new_groups.append({**{k: v for k, v in saved.items() if k not in dropped}, "params": group["params"]})
+        # A hyperparameter the saved group lacks keeps the optimizer's default, as torch.optim's groups.
+        new = {**opt.defaults, **{k: v for k, v in saved.items() if k not in dropped}, "params": group["params"]}
+        try:  # refused now, not at the next step, and before anything changes
+            check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"])
+        except ValueError as e:
+            raise ValueError(f"{where}: group {gi} of the loaded state dict: {e}") from None
+        new_groups.append(new)
     return state, new_groups
 
 
@@ -128,8 +136,26 @@ def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = 
     A saved state of another kind (8-bit vs 32-bit, amsgrad or not, with or without a percentile
     history, per-block vs per-tensor scales) is refused, not converted: converting would quantize,
     dequantize or make up state, so training would not continue as saved. `from_bnb` first turns
-    bitsandbytes' layout into ours (see the module docstring)."""
+    bitsandbytes' layout into ours (see the module docstring). One exception: when options changed
+    after p's state was made, the optimizer steps on with that state's own layout, so a state dict
+    it saved then, which holds that layout, loads too."""
     spec = opt._state_spec(p)
+    try:
+        return _state_as(opt, p, saved, spec, where, from_bnb)
+    except ValueError as first:
+        current = opt.state.get(p)
+        layout = {k: (v.dtype, tuple(v.shape)) for k, v in (current or {}).items() if isinstance(v, torch.Tensor)}
+        layout["step"] = spec["step"]
+        if not current or from_bnb or layout == spec:
+            raise
+        try:
+            return _state_as(opt, p, saved, layout, where, from_bnb)
+        except ValueError:
+            raise first from None  # what the options ask for
+
+
+def _state_as(opt, p: torch.Tensor, saved: Any, spec: dict, where: str, from_bnb: bool) -> dict[str, torch.Tensor]:
+    """_param_state against the given spec (key -> (dtype, shape))."""
     if not isinstance(saved, dict):
         raise ValueError(f"{where}: the saved state must be a dict, got {type(saved).__name__}")
     if from_bnb:

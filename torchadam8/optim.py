@@ -117,8 +117,10 @@ class Adam(torch.optim.Optimizer):
       new max |m| and max v are found first, then the states are quantized against them).
     - ``args``: an object whose attributes optim_bits, min_8bit_size, percentile_clipping,
       block_wise, max_unorm, skip_zeros replace the constructor's values, as in bitsandbytes
-      (``args.optim_bits`` wins over Adam8bit's and Adam32bit's fixed width there too). Its
-      attributes are read, and checked, at each step; a compiled step retraces when they change.
+      (``args.optim_bits`` wins over Adam8bit's and Adam32bit's fixed width there too). An object
+      with all six is kept as ``opt.args``, as in bitsandbytes: changing it changes the options;
+      otherwise ``opt.args`` is a copy completed with the constructor's values. Its attributes are
+      read, and checked, at each step; a compiled step retraces when they change.
       ``max_unorm`` (> 0) caps the norm of the update m_hat / (sqrt(v_hat) + eps) at max_unorm
       times the parameter's norm (bitsandbytes; we apply it to 8-bit states too). ``skip_zeros``
       leaves elements whose gradient is exactly 0 untouched (parameter and moments).
@@ -188,7 +190,10 @@ class Adam(torch.optim.Optimizer):
                                  f"{self._fixed_bits}-bit state), got {optim_bits!r}")
             if not hasattr(args, "optim_bits"):  # as in bitsandbytes, args.optim_bits wins over the class
                 values["optim_bits"] = self._fixed_bits
-        self.args = SimpleNamespace(**_validated(values, name))
+        validated = _validated(values, name)
+        # A complete args object is kept (bitsandbytes reads it at each step, so a change to it counts);
+        # a partial one completes a copy.
+        self.args = args if all(hasattr(args, k) for k in ARGS_KEYS) else SimpleNamespace(**validated)
         if not isinstance(amsgrad, bool):
             raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
         if not isinstance(page_out_after_step, bool):
@@ -227,8 +232,17 @@ class Adam(torch.optim.Optimizer):
         name = type(self).__name__
         index = len(self.param_groups)
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(f"{name}: the parameters of group {index} are a set, whose order changes between runs "
+                            "(and with it the state_dict's); give a list")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen: dict[int, int] = {}
         for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}: parameter {i} of group {index} is a {type(p).__name__}, not a torch.Tensor")
+            if seen.setdefault(id(p), i) != i:  # the kernels would update its memory twice at once
+                raise ValueError(f"{name}: parameter {i} of group {index} is parameter {seen[id(p)]} again; "
+                                 "list each parameter once")
             where = f"{name}: parameter {i} of group {index} (shape {list(p.shape)})"
             if p.is_complex():
                 raise ValueError(f"{where} is complex; view it as real with torch.view_as_real")
@@ -324,6 +338,19 @@ class Adam(torch.optim.Optimizer):
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
 
+    def _switch_amsgrad(self, p: torch.Tensor, state: dict, on: bool) -> None:
+        """amsgrad turned on after the state was made: the running maximum of v starts at v (state2,
+        and absmax2 for 8-bit state, copied); turned off: it is dropped. (8-bit vs 32-bit and the
+        scales' layout stay as made: changing those would requantize the moments.)"""
+        if not on:
+            del state["state3"]
+            state.pop("absmax3", None)
+            return
+        v = state["state2"]
+        state["state3"] = (paged_zeros_like(p, v.dtype) if self._pages(p, "state3") else torch.empty_like(v)).copy_(v)
+        if "absmax2" in state:
+            state["absmax3"] = state["absmax2"].clone()
+
     def _pages(self, p: torch.Tensor, key: str) -> bool:
         """Whether the state `key` of `p` lives in managed memory: the moments of large parameters."""
         return self._paged and key in ("state1", "state2", "state3") and p.numel() >= PAGED_MIN_NUMEL
@@ -397,6 +424,8 @@ class Adam(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, config)
+            elif config["amsgrad"] != ("state3" in state):  # amsgrad switched since the state was made
+                self._switch_amsgrad(p, state, config["amsgrad"])
             if over:
                 # The group's hyperparameters are common to a batch (and left out of the key, to be read
                 # by the traced step: a float lr here would be a constant); overridden ones are pinned.
@@ -410,7 +439,7 @@ class Adam(torch.optim.Optimizer):
                 state["gnorm_vec"] = torch.full((100,), -1.0, device=p.device)
             eight_bit = state["state1"].dtype == torch.uint8
             # The state's layout decides (a later override cannot reshape it).
-            block_wise = not eight_bit or state["absmax1"].numel() != 1 or p.numel() <= BLOCK
+            block_wise = not eight_bit or state["absmax1"].numel() != 1 or 0 < p.numel() <= BLOCK
             key = (p.device, eight_bit, "state3" in state, block_wise, *options)
             entry = batches.get(key)
             if entry is None:

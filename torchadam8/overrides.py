@@ -26,7 +26,7 @@ _NON_NEGATIVE = (lambda v: _real(v) and v >= 0, "a finite float >= 0", float)
 _RULES = {
     "optim_bits": (lambda v: _int(v) and v in (8, 32), "8 or 32", int),
     "min_8bit_size": (lambda v: _int(v) and v >= 0, "an int >= 0", int),
-    "percentile_clipping": (lambda v: _int(v) and 1 <= v <= 100, "an int in 1..100", int),
+    "percentile_clipping": (lambda v: _int(v) and 0 <= v <= 100, "an int in 0..100", int),
     "block_wise": _BOOL,
     "max_unorm": _NON_NEGATIVE,
     "skip_zeros": _BOOL,
