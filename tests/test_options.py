@@ -109,6 +109,7 @@ def assert_tracks(params, ref_params, eight_bit):
 OPTIONS = {
     "amsgrad": dict(amsgrad=True),
     "percentile_clipping": dict(percentile_clipping=5),
+    "percentile_clipping=0": dict(percentile_clipping=0),  # clip to the smallest norm (bitsandbytes accepts 0)
     "max_unorm": dict(max_unorm=0.05),
     "skip_zeros": dict(skip_zeros=True),
     "everything": dict(amsgrad=True, percentile_clipping=20, max_unorm=0.05, skip_zeros=True),
