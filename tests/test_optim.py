@@ -467,13 +467,20 @@ def test_bad_value_in_a_later_group_is_rejected_before_any_change(key, value, me
     assert_same(before, snapshot(opt, params))
 
 
-def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_change():
+@pytest.mark.parametrize("key,value,message", [
+    ("betas", (0.9, 1.5), r"beta2 must be in \[0, 1\), got 1.5"),
+    ("betas", (0.9,), r"betas must be a pair \(beta1, beta2\), got \(0.9,\)"),
+    ("betas", (torch.tensor([0.9, 0.8]), 0.99), r"beta1 must be a number or a one-element tensor, got a tensor of shape \[2\]"),
+    ("lr", torch.tensor([1e-3, 2e-3]), r"lr must be a number or a one-element tensor, got a tensor of shape \[2\]"),
+], ids=["beta2", "one_beta", "beta_tensor", "lr_tensor"])
+def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_change(key, value, message):
     params, opt = _trained()
     set_grads(params)
-    opt.param_groups[0]["betas"] = (0.9, 1.5)
     before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\), got 1.5"):
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=message):
         opt.step()
+    opt.param_groups[0][key] = before[1]["param_groups"][0][key]
     assert_same(before, snapshot(opt, params))
 
 

@@ -284,11 +284,20 @@ class Adam(torch.optim.Optimizer):
         checking them (that would sync on CUDA), and the ops, called batch by batch, would only
         reject a bad eps or weight_decay after earlier batches were updated."""
         name = type(self).__name__
-        for i, b in enumerate(group["betas"]):
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: {where}: betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            if isinstance(b, torch.Tensor) and b.numel() != 1:
+                raise ValueError(f"{name}: {where}: beta{i + 1} must be a number or a one-element tensor, "
+                                 f"got a tensor of shape {list(b.shape)}")
             if not isinstance(b, torch.Tensor) and not 0.0 <= b < 1.0:
                 raise ValueError(f"{name}: {where}: beta{i + 1} must be in [0, 1), got {b}")
         for key in ("lr", "eps", "weight_decay"):
             value = group[key]
+            if key == "lr" and isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"{name}: {where}: lr must be a number or a one-element tensor, "
+                                 f"got a tensor of shape {list(value.shape)}")
             if not isinstance(value, torch.Tensor) and not value >= 0.0:
                 raise ValueError(f"{name}: {where}: {key} must be >= 0, got {value}")
 
