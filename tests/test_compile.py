@@ -122,6 +122,28 @@ def test_compiled_step_follows_changes_of_args(cls, dynamic):
         assert torch.equal(p.detach(), q.detach())
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+def test_compiled_step_follows_amsgrad_switched_in_a_group(cls):
+    """amsgrad switched on, then off, in a group between compiled steps: the step retraces and
+    stays bit for bit equal to eager (the running maximum made, then dropped, by _init_group)."""
+    torch.manual_seed(0)
+    params, opt = make(cls, 1e-3, {})
+    twins = copies(params)
+    twin_opt = cls(twins, lr=1e-3)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, fullgraph=True)
+    for i in range(8):
+        set_twin_grads(params, twins, scale=10.0 if i % 2 else 1e-1)
+        if i in (2, 5):
+            for o in (opt, twin_opt):
+                o.param_groups[0]["amsgrad"] = i == 2
+        step()
+        twin_opt.step()
+        for p, q in zip(params, twins):
+            assert torch.equal(p.detach(), q.detach()), i
+        assert ("state3" in opt.state[params[0]]) == (2 <= i < 5)
+
+
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("cls", [Adam, Adam8bit, Adam32bit], ids=lambda c: c.__name__)
 def test_compiled_step_graph_takes_only_the_gradients_as_copied_inputs(cls, options):
