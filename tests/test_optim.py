@@ -4,6 +4,7 @@ checkpoints, and bad input (a clear error, the optimizer untouched)."""
 import copy
 import inspect
 import pickle
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -176,6 +177,25 @@ def test_complete_args_object_is_read_at_each_step():
     assert opt.args is not partial and opt.args.min_8bit_size == 10 and opt.args.optim_bits == 8
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_of_an_optimizer_keeping_a_user_args_object(how):
+    """A kept args object need not pickle or deep-copy (a local class, holding a lock): a copy
+    carries the options' values instead, and is independent of the user's object."""
+    class Args:
+        optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros = 8, 256, 5, True, 0.0, False
+
+    args = Args()
+    args.lock = threading.Lock()
+    params = make_params(((500,),))
+    opt = Adam8bit(params, args=args)
+    set_grads(params)
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert twin.args is not args and twin.args.percentile_clipping == 5 and twin.args.min_8bit_size == 256
+    args.percentile_clipping = 100
+    assert twin.args.percentile_clipping == 5
+
+
 def test_args_object_replaces_constructor_values():
     params = make_params(((300,), (100,)))
     set_grads(params)
@@ -283,6 +303,9 @@ def _broken_state_dicts():
     def lr(sd):
         sd["param_groups"][0]["lr"] = -1.0
 
+    def beta_tensor(sd):
+        sd["param_groups"][0]["betas"] = (torch.tensor([0.9, 0.8]), 0.999)
+
     return [
         (shape, r"state1 has shape \[100\] but the parameter has shape \[5000\]"),
         (groups, r"has 2 parameter groups but the optimizer has 1"),
@@ -292,6 +315,7 @@ def _broken_state_dicts():
         (missing, r"expected state keys \['state1', 'state2', 'step'\]"),
         (betas, r"group 0 of the loaded state dict: Invalid betas: \(0.9,\); expected a pair"),
         (lr, r"group 0 of the loaded state dict: Invalid learning rate: -1.0"),
+        (beta_tensor, r"group 0 of the loaded state dict: Invalid beta parameter at index 0: a tensor of shape \[2\]"),
     ]
 
 
@@ -347,6 +371,23 @@ def test_state_dict_round_trips_after_options_change(change):
     finally:
         GlobalOptimManager.get_instance().initialize()
     assert ("state3" in opt.state[params[0]]) == (change == "amsgrad_on")
+
+
+def test_checkpoint_after_amsgrad_switched_with_a_parameter_skipped_loads_into_a_fresh_optimizer():
+    """amsgrad switched on while one parameter has no gradient: its state switches too, so the
+    checkpoint's states agree with its groups and a fresh amsgrad=True optimizer loads it."""
+    params = make_params(((300,), (20,)))
+    opt = Adam32bit(params)
+    set_grads(params)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    params[1].grad = None
+    opt.step()
+    assert all("state3" in opt.state[p] for p in params)
+    twin = make_params(((300,), (20,)))
+    fresh = Adam32bit(twin, amsgrad=True)
+    fresh.load_state_dict(through_torch_save(opt.state_dict()))
+    assert all(torch.equal(fresh.state[q]["state3"], opt.state[p]["state3"]) for p, q in zip(params, twin))
 
 
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():

@@ -35,6 +35,9 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
     for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            raise ValueError(f"Invalid beta parameter at index {i}: a tensor of shape {list(beta.shape)}; "
+                             "expected a number or a one-element tensor")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not 0.0 <= weight_decay:
@@ -215,7 +218,9 @@ class Adam(torch.optim.Optimizer):
         copy or an unpickled optimizer can step (torch's alone would leave them out). Overrides of
         GlobalOptimManager belong to parameter objects: the copy's new parameters have none."""
         state = super().__getstate__()
-        state.update(args=self.args, _paged=self._paged, _page_out_after_step=self._page_out_after_step)
+        # The options' values, not the user's args object (which may not pickle or deep-copy).
+        args = SimpleNamespace(**{k: getattr(self.args, k) for k in ARGS_KEYS})
+        state.update(args=args, _paged=self._paged, _page_out_after_step=self._page_out_after_step)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -426,15 +431,16 @@ class Adam(torch.optim.Optimizer):
         batches: dict[tuple, tuple[_Batch, list[int]]] = {}
         for pi, p in enumerate(group["params"]):
             grad = p.grad
-            if grad is None:
-                continue
             over = overrides[pi]
             config = {**group_config, **over} if over else group_config
-            state = self.state[p]
+            state = self.state[p] if grad is not None or p in self.state else None
+            if state and config["amsgrad"] != ("state3" in state):  # amsgrad switched since the state was made
+                # (also for a parameter skipped this step, so a checkpoint's states agree with its groups)
+                self._switch_amsgrad(p, state, config["amsgrad"])
+            if grad is None:
+                continue
             if not state:
                 self._init_state(p, config)
-            elif config["amsgrad"] != ("state3" in state):  # amsgrad switched since the state was made
-                self._switch_amsgrad(p, state, config["amsgrad"])
             if over:
                 # The group's hyperparameters are common to a batch (and left out of the key, to be read
                 # by the traced step: a float lr here would be a constant); overridden ones are pinned.
