@@ -90,8 +90,8 @@ ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double b
 // The new moments of one lane, in place; returns where the parameter is updated. A non-finite
 // gradient element (NaN or inf after scaling, or one whose square overflows float32: its v would be
 // inf, and an inf absmax turns a whole 8-bit block into NaN) updates nothing and resets its m and v
-// to 0 (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an element
-// whose gradient is exactly 0 keeps p, m, v as they were. `vm` is amsgrad's running maximum of v,
+// to 0 (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an
+// element whose gradient is exactly 0 keeps p, m, v as they were. `vm` is amsgrad's running maximum of v,
 // untouched unless kAmsgrad.
 template <bool kAmsgrad, class V>
 ADAM8_HD auto adam_moments(V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
@@ -147,8 +147,9 @@ ADAM8_HD float unorm_scale(double dir_sq, double p_sq, float bc1, double max_uno
 constexpr int kGnormHistory = 100;
 
 // Records the squared gradient norm of step t (>= 1) in the history (slot t mod 100; step 1, or a
-// history with nothing recorded yet, marked by a negative slot 0, fills every slot) and returns the factor on the gradient: clip / norm when the norm exceeds the clip,
-// the square root of the `percentile`-th smallest recorded value (bitsandbytes 0.49's rule).
+// history with nothing recorded yet, marked by a negative slot 0, fills every slot) and returns
+// the factor on the gradient: clip / norm when the norm exceeds the clip, the square root of the
+// `percentile`-th smallest recorded value (bitsandbytes 0.49's rule).
 ADAM8_HD float record_gnorm(float* history, double norm_sq, double t, int64_t percentile) {
   const float value = static_cast<float>(norm_sq);
   if (t <= 1.0 || history[0] < 0.0f) {  // first record (negative: a history made mid-training)

@@ -68,9 +68,9 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
 
     AdamW (Loshchilov & Hutter, Algorithm 2; amsgrad as torch.optim.AdamW) on g * grad_scale.
     Elements whose scaled gradient is not finite, or whose square in float32 is not (its v would
-    overflow), are not updated and get m = v = 0; with
-    skip_zeros, elements whose gradient is 0 keep p, m, v. max_unorm > 0 scales the step so that
-    the norm of m_hat / (sqrt(v_hat) + eps) stays within max_unorm times the norm of p.
+    overflow), are not updated and get m = v = 0; with skip_zeros, elements whose gradient is 0
+    keep p, m, v. max_unorm > 0 scales the step so that the norm of m_hat / (sqrt(v_hat) + eps)
+    stays within max_unorm times the norm of p.
     """
     g32 = g.float() * torch.tensor(grad_scale, dtype=torch.float32, device=g.device)
     finite = (g32 * g32).isfinite()

@@ -41,8 +41,8 @@ def clipping_fake(grads, gnorm_vecs, steps, percentile, scales):
 def clipping_reference(grads, gnorm_vecs, steps, percentile, scales):
     """For step t = steps + 1: the squared norm of the finite gradient elements goes to slot
     t mod 100 of the history (every slot at t = 1, or when the history is unrecorded: slot 0
-    negative); the clip is the square root of entry
-    `percentile` of the sorted history; the factor is clip / norm when the norm exceeds it, else 1."""
+    negative); the clip is the square root of entry `percentile` of the sorted history; the factor
+    is clip / norm when the norm exceeds it, else 1."""
     for i, (g, history, step) in enumerate(zip(grads, gnorm_vecs, steps)):
         finite = (g.float() * g.float()).isfinite()  # as the update counts them
         norm_sq = torch.where(finite, g.double(), 0.0).square().sum().float()

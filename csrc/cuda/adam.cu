@@ -43,35 +43,45 @@ __global__ void unorm_kernel(int count, const StepStats* stats, double max_unorm
   if (t < count) scalars[t].step_size *= unorm_scale(stats[t].dir_sq, stats[t].p_sq, scalars[t].bc1, max_unorm);
 }
 
-// Scratch of one op call: each tensor's constants and, when the update needs them, its stats
-// (zeroed: they are accumulated). One buffer for all packs, so a pack costs no allocation or memset.
-static_assert(sizeof(AdamScalars) % alignof(StepStats) == 0, "the stats follow the constants in one buffer");
-struct Scratch {
-  at::Tensor bytes;
-  AdamScalars* scalars;
-  StepStats* stats;
-
-  Scratch(int64_t n, bool with_stats, const at::TensorOptions& options) {
-    const int64_t scalar_bytes = n * static_cast<int64_t>(sizeof(AdamScalars));
-    const int64_t stat_bytes = with_stats ? n * static_cast<int64_t>(sizeof(StepStats)) : 0;
-    bytes = at::empty({scalar_bytes + stat_bytes}, options.dtype(at::kByte));
-    scalars = reinterpret_cast<AdamScalars*>(bytes.data_ptr());
-    stats = with_stats ? reinterpret_cast<StepStats*>(bytes.data_ptr<uint8_t>() + scalar_bytes) : nullptr;
-    if (with_stats) bytes.narrow(0, scalar_bytes, stat_bytes).zero_();
-  }
-};
-
-// A pack's slots of the scratch (the next pack.count ones), its constants launched into them.
+// One pack's slots of the scratch: each tensor's constants and, when the update needs them, its stats.
 struct PackScratch {
   AdamScalars* scalars;
   StepStats* stats;
 };
 
+// Scratch of one op call, its slots taken pack by pack (the stats zeroed: they are accumulated). One
+// buffer for all packs, so a pack costs no allocation or memset.
+static_assert(sizeof(AdamScalars) % alignof(StepStats) == 0, "the stats follow the constants in one buffer");
+class Scratch {
+ public:
+  Scratch(int64_t n, bool with_stats, const at::TensorOptions& options) {
+    const int64_t scalar_bytes = n * static_cast<int64_t>(sizeof(AdamScalars));
+    const int64_t stat_bytes = with_stats ? n * static_cast<int64_t>(sizeof(StepStats)) : 0;
+    bytes_ = at::empty({scalar_bytes + stat_bytes}, options.dtype(at::kByte));
+    scalars_ = reinterpret_cast<AdamScalars*>(bytes_.data_ptr());
+    stats_ = with_stats ? reinterpret_cast<StepStats*>(bytes_.data_ptr<uint8_t>() + scalar_bytes) : nullptr;
+    if (with_stats) bytes_.narrow(0, scalar_bytes, stat_bytes).zero_();
+  }
+
+  // The next `count` slots.
+  PackScratch take(int64_t count) {
+    const PackScratch s{scalars_ + used_, stats_ == nullptr ? nullptr : stats_ + used_};
+    used_ += count;
+    return s;
+  }
+
+ private:
+  at::Tensor bytes_;
+  AdamScalars* scalars_;
+  StepStats* stats_;
+  int64_t used_ = 0;
+};
+
+// A pack's slots of the scratch, its constants launched into them.
 template <class P>
 PackScratch launch_scalars(const P& pack, const at::Tensor& lr, const at::Tensor& betas, const Hyper& h,
-                           const float* skip, const Scratch& scratch, int64_t* used, cudaStream_t stream) {
-  const PackScratch s{scratch.scalars + *used, scratch.stats == nullptr ? nullptr : scratch.stats + *used};
-  *used += pack.count;
+                           const float* skip, Scratch& scratch, cudaStream_t stream) {
+  const PackScratch s = scratch.take(pack.count);
   scalars_kernel<<<(pack.count + 127) / 128, 128, 0, stream>>>(pack, lr.data_ptr<float>(), betas.data_ptr<double>(), h,
                                                                 skip, s.scalars);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -306,10 +316,9 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
 
 // The update. `stats` (per-tensor scales) is nullptr for blockwise scales.
 template <bool kAmsgrad, class T>
-__global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS) adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros,
-                                                            const StepStats* stats, const float* code1,
-                                                            const float* code2, const int32_t* luts,
-                                                            const float* skip) {
+__global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS)
+    adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros, const StepStats* stats,
+                    const float* code1, const float* code2, const int32_t* luts, const float* skip) {
   if (skip_step(skip)) return;
   extern __shared__ __align__(16) unsigned char smem[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem);
@@ -429,8 +438,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0;
   const float* skip = skip_ptr(found_inf);
-  const Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
-  int64_t used = 0;
+  Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!max_exp_avg_sqs.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -438,7 +446,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       for_each_pack<5, 384>(
           gather_lists<5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, idx), select(steps, idx),
           slots(gnorm_scales, idx), [&](const Pack32& pack, int32_t grid) {
-            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, &used, stream);
+            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, stream);
             if (with_stats) {
               adam32_stats_kernel<A, T><<<grid, kThreads, 0, stream>>>(pack, s.scalars, skip_zeros, s.stats, skip);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -469,8 +477,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
   const at::Tensor betas_c = betas.contiguous();  // read as [beta1, beta2]
   const bool with_stats = max_unorm > 0.0 || !block_wise;
   const float* skip = skip_ptr(found_inf);
-  const Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
-  int64_t used = 0;
+  Scratch scratch(static_cast<int64_t>(params.size()), with_stats, lr.options());
   by_dtype(params, [&](at::ScalarType dtype, const std::vector<size_t>& idx) {
     dispatch(!state3.empty(), dtype, [&](auto amsgrad, auto tag) {
       constexpr bool A = decltype(amsgrad)::value;
@@ -478,7 +485,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
       for_each_pack<8, 256>(
           gather_lists<8>({params, grads, state1, state2, state3, absmax1, absmax2, absmax3}, idx),
           select(steps, idx), slots(gnorm_scales, idx), [&](const Pack8& pack, int32_t chunks) {
-            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, &used, stream);
+            const PackScratch s = launch_scalars(pack, lr, betas_c, h, skip, scratch, stream);
             if (with_stats) {
               adam8bit_stats_kernel<A, T><<<chunks, kThreads, 0, stream>>>(
                   pack, s.scalars, skip_zeros, block_wise, code1.data_ptr<float>(), code2.data_ptr<float>(), s.stats,
