@@ -110,10 +110,9 @@ def validated_state(opt, state_dict: dict[str, Any]):
         dropped = _BNB_GROUP_KEYS if from_bnb else ()
         # A hyperparameter the saved group lacks keeps the optimizer's default, as torch.optim's groups.
         new = {**opt.defaults, **{k: v for k, v in saved.items() if k not in dropped}, "params": group["params"]}
-        try:  # refused now, not at the next step, and before anything changes
-            check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"])
-        except ValueError as e:
-            raise ValueError(f"{where}: group {gi} of the loaded state dict: {e}") from None
+        # refused now, not at the next step, and before anything changes
+        check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"],
+                              f"{where}: group {gi} of the loaded state dict")
         new_groups.append(new)
     return state, new_groups
 

@@ -24,24 +24,32 @@ ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise",
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
-def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """torch.optim's checks and wording."""
+def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_tensors: bool = True) -> None:
+    """torch.optim's checks and wording, after `where` (who is checking). A tensor lr or beta must
+    hold one element; its value is checked only when `read_tensors` (a step does not read them:
+    that would sync with the GPU, and the kernels read them from the tensors)."""
+    def invalid(what):
+        raise ValueError(f"{where}: {what}" if where else what)
+
+    def number(value):
+        return read_tensors or not isinstance(value, torch.Tensor)
+
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        invalid(f"Invalid learning rate: a tensor of shape {list(lr.shape)}; expected a number or a one-element tensor")
+    if number(lr) and not 0.0 <= lr:
+        invalid(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+        invalid(f"Invalid epsilon value: {eps}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+        invalid(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
     for i, beta in enumerate(betas):
         if isinstance(beta, torch.Tensor) and beta.numel() != 1:
-            raise ValueError(f"Invalid beta parameter at index {i}: a tensor of shape {list(beta.shape)}; "
-                             "expected a number or a one-element tensor")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+            invalid(f"Invalid beta parameter at index {i}: a tensor of shape {list(beta.shape)}; "
+                    "expected a number or a one-element tensor")
+        if number(beta) and not 0.0 <= beta < 1.0:
+            invalid(f"Invalid beta parameter at index {i}: {beta}")
     if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        invalid(f"Invalid weight_decay value: {weight_decay}")
 
 
 class _Batch:
@@ -188,9 +196,8 @@ class Adam(torch.optim.Optimizer):
         name = type(self).__name__
         values = {k: getattr(args, k, given[k]) for k in ARGS_KEYS}
         if self._fixed_bits is not None:
-            if optim_bits not in (8, 32):
-                raise ValueError(f"{name}: optim_bits must be 8 or 32 (it is ignored: {name} always keeps "
-                                 f"{self._fixed_bits}-bit state), got {optim_bits!r}")
+            _validated({"optim_bits": optim_bits}, f"{name} (optim_bits is ignored: it always keeps "
+                       f"{self._fixed_bits}-bit state)")
             if not hasattr(args, "optim_bits"):  # as in bitsandbytes, args.optim_bits wins over the class
                 values["optim_bits"] = self._fixed_bits
         validated = _validated(values, name)
@@ -282,29 +289,6 @@ class Adam(torch.optim.Optimizer):
         config = {k: getattr(self.args, k) for k in ARGS_KEYS}
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
         return config
-
-    def _check_group(self, group: dict[str, Any], where: str) -> None:
-        """Checks a group's float hyperparameters before anything changes (a scheduler or the user may
-        have set them since construction): the kernels read lr and betas from tensors without
-        checking them (that would sync on CUDA), and the ops, called batch by batch, would only
-        reject a bad eps or weight_decay after earlier batches were updated."""
-        name = type(self).__name__
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{name}: {where}: betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, torch.Tensor) and b.numel() != 1:
-                raise ValueError(f"{name}: {where}: beta{i + 1} must be a number or a one-element tensor, "
-                                 f"got a tensor of shape {list(b.shape)}")
-            if not isinstance(b, torch.Tensor) and not 0.0 <= b < 1.0:
-                raise ValueError(f"{name}: {where}: beta{i + 1} must be in [0, 1), got {b}")
-        for key in ("lr", "eps", "weight_decay"):
-            value = group[key]
-            if key == "lr" and isinstance(value, torch.Tensor) and value.numel() != 1:
-                raise ValueError(f"{name}: {where}: lr must be a number or a one-element tensor, "
-                                 f"got a tensor of shape {list(value.shape)}")
-            if not isinstance(value, torch.Tensor) and not value >= 0.0:
-                raise ValueError(f"{name}: {where}: {key} must be >= 0, got {value}")
 
     def _current_overrides(self) -> list[list[dict[str, Any]]]:
         if self._overrides_version != self._manager.version:
@@ -483,8 +467,12 @@ class Adam(torch.optim.Optimizer):
         # the values it used; branching on them below makes a compiled step guard on opt.args, so a
         # change retraces (and _init_group, run eagerly at trace time, checks the new values).
         args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
+        # Every group's hyperparameters are checked before anything changes (a scheduler or the user
+        # may have set them since construction; the ops, called batch by batch, would only reject a
+        # bad value after earlier batches were updated).
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group, f"group {gi}")
+            check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                  f"{type(self).__name__}: group {gi}", read_tensors=False)
         for gi, group in enumerate(self.param_groups):
             tensors: list = []
             used, layout = self._init_group(group, tensors, gi == 0)
