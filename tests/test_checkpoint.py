@@ -300,8 +300,8 @@ def test_8bit_codes_are_refused_in_another_memory_order_and_fp32_moments_are_not
 class _Amsgrad8bit(Adam8bit):
     """The spec of an 8-bit amsgrad optimizer with percentile clipping (only validated, never stepped)."""
 
-    def _state_spec(self, p):
-        spec = super()._state_spec(p)
+    def _state_spec(self, p, config=None):
+        spec = super()._state_spec(p, config)
         if spec["state1"][0] == torch.uint8:
             spec["state3"] = (torch.uint8, tuple(p.shape))
             spec["absmax3"] = (torch.float32, spec["absmax1"][1])

@@ -390,6 +390,33 @@ def test_checkpoint_after_amsgrad_switched_with_a_parameter_skipped_loads_into_a
     assert all(torch.equal(fresh.state[q]["state3"], opt.state[p]["state3"]) for p, q in zip(params, twin))
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_rollback_to_a_checkpoint_saved_before_amsgrad_was_switched(cls, amsgrad):
+    """The loaded groups bring back the amsgrad the checkpoint was saved with, so its states (with
+    or without amsgrad's maximum) load, and the optimizer steps on as one built from it."""
+    params = make_params(((5000,), (300,)))
+    opt = cls(params, amsgrad=amsgrad)
+    set_grads(params)
+    opt.step()
+    checkpoint = through_torch_save(opt.state_dict())
+    opt.param_groups[0]["amsgrad"] = not amsgrad
+    set_grads(params)
+    opt.step()
+    twin = copies(params)
+    fresh = cls(twin, amsgrad=amsgrad)
+    fresh.load_state_dict(checkpoint)
+    opt.load_state_dict(checkpoint)
+    assert opt.param_groups[0]["amsgrad"] is amsgrad
+    assert all(("state3" in opt.state[p]) == amsgrad for p in params)
+    grads = [torch.randn_like(p) for p in params]
+    for ps, o in ((params, opt), (twin, fresh)):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+    assert_same(snapshot(fresh, twin), snapshot(opt, params))
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)

@@ -4,8 +4,9 @@
 new param_groups, or raises ValueError naming the first mismatch; the optimizer itself is never
 touched here, so a refused checkpoint leaves it exactly as it was.
 
-What the state of a parameter ``p`` must hold is ``opt._state_spec(p)``: exactly those keys, each
-tensor with that dtype and shape (``step`` may be a number or a one-element tensor; it becomes a
+What the state of a parameter ``p`` must hold is ``opt._state_spec(p, config)`` for the options it
+will step with (its loaded group's hyperparameters, amsgrad among them, then the optimizer's args
+and p's overrides): exactly those keys, each tensor with that dtype and shape (``step`` may be a number or a one-element tensor; it becomes a
 float32 scalar). Moments (tensors shaped like ``p``) are copied into ``p``'s device and memory
 layout, every other tensor onto ``p``'s device.
 
@@ -97,12 +98,6 @@ def validated_state(opt, state_dict: dict[str, Any]):
             )
         id_map.update(zip(saved["params"], group["params"]))
     from_bnb = is_bitsandbytes_state_dict(state_dict)
-    state = {}
-    for key, saved in state_dict["state"].items():
-        if key not in id_map:
-            raise ValueError(f"{where}: the loaded state dict has state for parameter id {key!r}, which no group lists")
-        p = id_map[key]
-        state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb)
     from .optim import check_hyperparameters  # (optim imports this module)
 
     new_groups = []
@@ -114,6 +109,22 @@ def validated_state(opt, state_dict: dict[str, Any]):
         check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"],
                               f"{where}: group {gi} of the loaded state dict")
         new_groups.append(new)
+    # Each parameter's state must fit the options it will step with: the loaded group's (its amsgrad),
+    # then its overrides. (Not for bitsandbytes, which ignores amsgrad: its state never holds a
+    # running maximum, whatever its groups say; the current options decide, as for any option.)
+    configs = {}
+    overrides = opt._current_overrides()
+    for gi, group in enumerate(new_groups if not from_bnb else ()):
+        group_config = opt._group_config(gi, group)
+        for pi, p in enumerate(group["params"]):
+            configs[p] = {**group_config, **overrides[gi][pi]}
+    state = {}
+    for key, saved in state_dict["state"].items():
+        if key not in id_map:
+            raise ValueError(f"{where}: the loaded state dict has state for parameter id {key!r}, which no group lists")
+        p = id_map[key]
+        state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb,
+                                configs.get(p))
     return state, new_groups
 
 
@@ -128,8 +139,10 @@ def is_bitsandbytes_state_dict(state_dict: dict[str, Any]) -> bool:
     return any(isinstance(s, dict) and any(m in s for m in markers) for s in states.values())
 
 
-def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = False) -> dict[str, torch.Tensor]:
-    """The state of `p` from its saved state: exactly the keys of ``opt._state_spec(p)``, each with
+def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = False,
+                 config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The state of `p` from its saved state: exactly the keys of ``opt._state_spec(p, config)``
+    (`config`: the options p will step with; by default its current ones), each with
     that dtype and shape, copied onto p's device (moments into p's layout); else ValueError.
 
     A saved state of another kind (8-bit vs 32-bit, amsgrad or not, with or without a percentile
@@ -138,7 +151,7 @@ def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = 
     bitsandbytes' layout into ours (see the module docstring). One exception: when options changed
     after p's state was made, the optimizer steps on with that state's own layout, so a state dict
     it saved then, which holds that layout, loads too."""
-    spec = opt._state_spec(p)
+    spec = opt._state_spec(p, config)
     try:
         return _state_as(opt, p, saved, spec, where, from_bnb)
     except ValueError as first:

@@ -283,9 +283,10 @@ class Adam(torch.optim.Optimizer):
                               for pi, q in enumerate(g["params"]) if q is p)
         return {**self._group_config(gindex), **self._current_overrides()[gindex][pindex]}
 
-    def _group_config(self, gindex: int) -> dict[str, Any]:
-        """The options of a group's parameters that have no overrides."""
-        group = self.param_groups[gindex]
+    def _group_config(self, gindex: int, group: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The options of a group's parameters that have no overrides (`group`: in place of group
+        `gindex`'s hyperparameters, those of a group being loaded)."""
+        group = self.param_groups[gindex] if group is None else group
         config = {k: getattr(self.args, k) for k in ARGS_KEYS}
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
         return config
