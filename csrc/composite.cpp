@@ -1,5 +1,6 @@
-// adam8::zeros_managed for every device: it has no tensor argument, so the dispatcher cannot pick
-// a backend from one; this kernel (CompositeExplicitAutograd) branches on the device instead.
+// Kernels for calls the dispatcher cannot route by a tensor argument (CompositeExplicitAutograd:
+// used when no CPU or CUDA kernel is picked): zeros_managed has no tensor argument, so it branches
+// on its device; prefetch / page_out of an empty list have nothing to move.
 #include <torch/library.h>
 
 #include "checks.h"
@@ -19,7 +20,20 @@ at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, at::Device 
 #endif
 }
 
+// Reached with an empty list, or with tensors of a device that has no kernel here.
+template <const char* kOp>
+void migrate_nothing(at::TensorList tensors) {
+  TORCH_CHECK(tensors.empty(), kOp, ": no kernel for tensors on ", tensors[0].device().str(),
+              " (torchadam8 has CPU and CUDA kernels)");
+}
+constexpr char kPrefetch[] = "adam8.prefetch";
+constexpr char kPageOut[] = "adam8.page_out";
+
 }  // namespace
 }  // namespace adam8
 
-TORCH_LIBRARY_IMPL(adam8, CompositeExplicitAutograd, m) { m.impl("zeros_managed", &adam8::zeros_managed); }
+TORCH_LIBRARY_IMPL(adam8, CompositeExplicitAutograd, m) {
+  m.impl("zeros_managed", &adam8::zeros_managed);
+  m.impl("prefetch", &adam8::migrate_nothing<adam8::kPrefetch>);
+  m.impl("page_out", &adam8::migrate_nothing<adam8::kPageOut>);
+}

@@ -80,6 +80,7 @@ def paged_samples(device):
     yield SampleInput(([managed(randn(*s, device=device).to(d)) for s, d in zip(SHAPES, PAGED_DTYPES * 2)],), {})
     # A permuted (dense) tensor: its memory is still one range.
     yield SampleInput(([managed(randn(20, 9, device=device)).t()],), {})
+    yield SampleInput(([],), {})  # nothing to move (no tensor to pick a kernel by: csrc/composite.cpp)
 
 
 def paged_sweep(device, dtype, numel):

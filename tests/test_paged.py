@@ -269,3 +269,25 @@ def test_cuda_graph_replay_of_a_paged_step(paged_cls):
     torch.cuda.synchronize()
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+@gpu
+def test_paged_tensor_dying_during_a_cuda_graph_capture_does_not_break_it():
+    """Managed memory cannot be freed while a CUDA graph is captured (cudaFree would invalidate the
+    capture): a paged tensor that dies then is freed after the capture instead."""
+    doomed = torchadam8.paged.paged_zeros_like(torch.empty(200_000, device="cuda"), torch.float32)
+    x = torch.zeros(4, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.add_(1)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(1)
+        del doomed  # its deleter runs inside the capture
+        x.add_(1)
+    graph.replay()
+    after = torchadam8.paged.paged_zeros_like(torch.empty(200_000, device="cuda"), torch.float32)  # frees it
+    torch.cuda.synchronize()
+    assert x.tolist() == [3.0] * 4 and is_managed(after.inner)

@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <vector>
+
 #include "../checks.h"
 #include "../kernels.h"
 
@@ -55,6 +58,35 @@ void migrate(const char* op, at::TensorList tensors, bool to_host) {
   }
 }
 
+// Managed memory whose tensor died while the current stream was capturing a CUDA graph: cudaFree
+// is not allowed then (it would invalidate the capture), so it waits here for the next free or
+// allocation outside a capture.
+std::mutex deferred_mutex;
+std::vector<void*> deferred_frees;
+
+void free_deferred() {
+  std::vector<void*> ready;
+  {
+    const std::lock_guard<std::mutex> lock(deferred_mutex);
+    ready.swap(deferred_frees);
+  }
+  // cudaFree waits for the device, so no kernel still using the memory is cut short.
+  for (void* p : ready) C10_CUDA_CHECK_WARN(cudaFree(p));
+}
+
+void free_managed(void* p) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // leave no error for a later check to report
+  if (err == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+    const std::lock_guard<std::mutex> lock(deferred_mutex);
+    deferred_frees.push_back(p);
+    return;
+  }
+  free_deferred();
+  C10_CUDA_CHECK_WARN(cudaFree(p));
+}
+
 }  // namespace
 
 at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::Device& device) {
@@ -67,10 +99,10 @@ at::Tensor zeros_managed(at::IntArrayRef size, at::ScalarType dtype, const at::D
   TORCH_CHECK(!capturing(c10::cuda::getCurrentCUDAStream()), "adam8.zeros_managed: cannot allocate managed memory "
               "while a CUDA graph is being captured; run one step before capturing, so the states exist");
   require_concurrent_managed_access("adam8.zeros_managed", index);
+  free_deferred();
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(numel) * c10::elementSize(dtype), cudaMemAttachGlobal));
-  // cudaFree waits for the device, so no kernel still using the memory is cut short.
-  at::Tensor out = at::from_blob(ptr, size, [](void* p) { C10_CUDA_CHECK_WARN(cudaFree(p)); }, options);
+  at::Tensor out = at::from_blob(ptr, size, free_managed, options);
   C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, out.nbytes(), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
