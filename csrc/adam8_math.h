@@ -69,6 +69,7 @@ struct AdamScalars {
   float decay;         // 1 - lr * weight_decay: decoupled decay, as torch.optim.AdamW
   float grad_scale;    // percentile clipping's factor on the gradient (1: none)
   float bc1;           // 1 - beta1^t
+  float v_floor;       // 1 / K of the moment bound below (0: no bound)
 };
 
 ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double beta2, double eps,
@@ -84,23 +85,36 @@ ADAM8_HD AdamScalars adam_scalars(double lr, double step, double beta1, double b
   s.inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
   s.decay = static_cast<float>(1.0 - lr * weight_decay);
   s.grad_scale = grad_scale;
+  const double r = beta1 * beta1 / beta2;  // beta2 > 0 whenever r < 1 is tested
+  s.v_floor = beta2 > 0.0 && r < 1.0
+                  ? static_cast<float>((1.0 - beta2) * (1.0 - r) / ((1.0 - beta1) * (1.0 - beta1)))
+                  : 0.0f;
   return s;
 }
 
+// The moment bound of quantized states. Exact Adam keeps m^2 <= K v: by Cauchy-Schwarz over the
+// gradients so far, m_t^2 <= (1-b1)^2 / (1-b2) * sum_j (b1^2/b2)^j * v_t, and the sum stays below
+// 1 / (1 - b1^2/b2) when b1^2 < b2. 8-bit states can break it: a v far below its block's largest
+// rounds to code 0 while m keeps a code (the signed map reaches smaller values relative to its
+// block), and the next step with a small gradient then moves the parameter by about lr * m / eps,
+// thousands of times lr. So with quantized states the new v is raised to m^2 / K where it fell
+// below, which exact arithmetic never does (with constant betas).
+//
 // The new moments of one lane, in place; returns where the parameter is updated. A non-finite
 // gradient element (NaN or inf after scaling, or one whose square overflows float32: its v would be
 // inf, and an inf absmax turns a whole 8-bit block into NaN) updates nothing and resets its m and v
 // to 0 (bitsandbytes' rule for its 8-bit states, applied to every variant); with skip_zeros, an
 // element whose gradient is exactly 0 keeps p, m, v as they were. `vm` is amsgrad's running maximum of v,
 // untouched unless kAmsgrad.
-template <bool kAmsgrad, class V>
+template <bool kAmsgrad, bool kQuantized, class V>
 ADAM8_HD auto adam_moments(V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
   g = g * V(s.grad_scale);
   const V g2 = g * g;
   const auto finite = vlt(g2, V(INFINITY));  // false for NaN, inf and an overflowing square
   const auto update = skip_zeros ? mand(finite, vne(g, V(0.0f))) : finite;
   const V m_new = fmadd(V(s.beta1), m, V(s.one_minus_beta1) * g);
-  const V v_new = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * g2);
+  V v_new = fmadd(V(s.beta2), v, V(s.one_minus_beta2) * g2);
+  if (kQuantized) v_new = vmax(v_new, m_new * m_new * V(s.v_floor));
   m = vselect(update, m_new, vselect(finite, m, V(0.0f)));
   v = vselect(update, v_new, vselect(finite, v, V(0.0f)));
   if (kAmsgrad) vm = vselect(update, vmax(vm, v_new), vm);
@@ -121,9 +135,9 @@ ADAM8_HD V adam_param(V p, V direction, const AdamScalars& s) {
 }
 
 // One Adam step on one lane (moments, then the parameter where it is updated).
-template <bool kAmsgrad, class V>
+template <bool kAmsgrad, bool kQuantized, class V>
 ADAM8_HD void adam_update(V& p, V g, V& m, V& v, V& vm, const AdamScalars& s, bool skip_zeros) {
-  const auto update = adam_moments<kAmsgrad>(g, m, v, vm, s, skip_zeros);
+  const auto update = adam_moments<kAmsgrad, kQuantized>(g, m, v, vm, s, skip_zeros);
   p = vselect(update, adam_param(p, adam_direction(m, kAmsgrad ? vm : v, s), s), p);
 }
 

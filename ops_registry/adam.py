@@ -62,7 +62,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
-def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_scale, max_unorm, skip_zeros):
+def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_scale, max_unorm, skip_zeros,
+               quantized=False):
     """One step in float64 on flat tensors, written from the options' descriptions: returns new
     p, m, v, vm (vm None without amsgrad).
 
@@ -70,7 +71,9 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     Elements whose scaled gradient is not finite, or whose square in float32 is not (its v would
     overflow), are not updated and get m = v = 0; with skip_zeros, elements whose gradient is 0
     keep p, m, v. max_unorm > 0 scales the step so that the norm of m_hat / (sqrt(v_hat) + eps)
-    stays within max_unorm times the norm of p.
+    stays within max_unorm times the norm of p. `quantized` (8-bit states): the new v is at least
+    m^2 / K, K = (1 - beta1)^2 / ((1 - beta2) (1 - beta1^2 / beta2)) when beta1^2 < beta2, the
+    bound exact Adam keeps and quantization can break (csrc/adam8_math.h says how).
     """
     g32 = g.float() * torch.tensor(grad_scale, dtype=torch.float32, device=g.device)
     finite = (g32 * g32).isfinite()
@@ -80,6 +83,9 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     g = torch.where(finite, g, 0.0)
     m_new = beta1 * m + (1 - beta1) * g
     v_new = beta2 * v + (1 - beta2) * g * g
+    r = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+    if quantized and r < 1:
+        v_new = torch.maximum(v_new, m_new * m_new * ((1 - beta2) * (1 - r) / (1 - beta1) ** 2))
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     if vm is not None:
         vm = torch.where(update, torch.maximum(vm.double(), v_new), vm.double())
@@ -141,7 +147,7 @@ def adam8bit_reference(params, grads, state1, state2, state3, steps, absmax1, ab
         m, v, vm = (None if q is None else dequantize_reference(_flat(q), a, c, block, torch.float32) for q, a, c in codes)
         t.add_(1)
         p64, *moments = _adam_fp64(_flat(p), _flat(g), m, v, vm, t.item(), lr.item(), beta1, beta2, eps,
-                                   weight_decay, gs, max_unorm, skip_zeros)
+                                   weight_decay, gs, max_unorm, skip_zeros, quantized=True)
         _flat(p).copy_(p64)
         for (q, a, code), x in zip(codes, moments):
             if q is None:

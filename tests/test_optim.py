@@ -2,6 +2,7 @@
 checkpoints, and bad input (a clear error, the optimizer untouched)."""
 
 import copy
+import math
 import inspect
 import pickle
 import threading
@@ -415,6 +416,27 @@ def test_rollback_to_a_checkpoint_saved_before_amsgrad_was_switched(cls, amsgrad
             p.grad = g.clone()
         o.step()
     assert_same(snapshot(fresh, twin), snapshot(opt, params))
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_no_step_moves_a_parameter_further_than_adam_can(cls, amsgrad):
+    """Exact Adam keeps m^2 <= K v (K = (1-b1)^2 / ((1-b2)(1 - b1^2/b2))), so no step moves an
+    element by more than lr * sqrt(K) * sqrt(1 - b2^t) / (1 - b1^t). 8-bit states used to break it
+    after a gradient far below its block's largest (v rounded to code 0, m kept a code): the next
+    zero-gradient step moved such elements by about lr * m / eps (2784 with lr = 0.1, not 0.17)."""
+    torch.manual_seed(0)
+    lr, (b1, b2) = 0.1, (0.9, 0.999)
+    k = (1 - b1) ** 2 / ((1 - b2) * (1 - b1 * b1 / b2))
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = cls([p], lr=lr, betas=(b1, b2), amsgrad=amsgrad)
+    grads = [torch.randn(5000), torch.zeros(5000), torch.zeros(5000), torch.randn(5000) * 1e-3, torch.zeros(5000)]
+    for t, g in enumerate(grads, start=1):
+        before = p.detach().clone()
+        p.grad = g
+        opt.step()
+        bound = lr * math.sqrt(k) * math.sqrt(1 - b2**t) / (1 - b1**t)
+        assert (p.detach() - before).abs().max().item() <= bound * (1 + 1e-4), f"step {t}"
 
 
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():

@@ -116,7 +116,9 @@ class Adam(torch.optim.Optimizer):
       the Adam update, exactly torch.optim.AdamW (not the L2 penalty of torch.optim.Adam).
     - ``optim_bits``: 32 (fp32 moments) or 8 (uint8 moments: the signed dynamic map for the first,
       the unsigned one for the second, one fp32 absmax per 256 values; the update uses the new
-      unquantized moments, only the stored ones are quantized).
+      unquantized moments, only the stored ones are quantized; the new second moment is kept at
+      or above m^2 / K, the bound exact Adam keeps, K = (1-b1)^2 / ((1-b2)(1 - b1^2/b2)): without
+      it, a v rounded to code 0 beside a nonzero m would step by about lr * m / eps).
     - ``min_8bit_size``: parameters with fewer elements keep fp32 moments.
     - ``amsgrad``: keep the running maximum of the second moment (a third state, 8-bit like the
       others for 8-bit parameters) and use it in the denominator, as torch.optim.AdamW(amsgrad=True).

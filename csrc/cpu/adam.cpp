@@ -115,7 +115,7 @@ template <bool kAmsgrad, class F, class T>
 inline void adam32_lanes(const Span32<kAmsgrad, T>& x, int64_t i, const AdamScalars& s, bool skip_zeros) {
   F p = Lane<F>::load(x.p + i), m = Lane<F>::load(x.m + i), v = Lane<F>::load(x.v + i);
   F vm = kAmsgrad ? Lane<F>::load(x.vm + i) : F(0.0f);
-  adam_update<kAmsgrad>(p, Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
+  adam_update<kAmsgrad, false>(p, Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
   store_lane(x.p + i, p);
   store_lane(x.m + i, m);
   store_lane(x.v + i, v);
@@ -127,7 +127,7 @@ inline void adam32_stats_lanes(const Span32<kAmsgrad, T>& x, int64_t i, const Ad
                                LaneStats<F>& acc) {
   F p = Lane<F>::load(x.p + i), m = Lane<F>::load(x.m + i), v = Lane<F>::load(x.v + i);
   F vm = kAmsgrad ? Lane<F>::load(x.vm + i) : F(0.0f);
-  const auto update = adam_moments<kAmsgrad>(Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
+  const auto update = adam_moments<kAmsgrad, false>(Lane<F>::load(x.g + i), m, v, vm, s, skip_zeros);
   acc.template add<kAmsgrad>(p, m, v, vm, update, s);
 }
 
@@ -185,7 +185,7 @@ struct Moments8 {
   inline void lanes(const Block8<kAmsgrad, T>& b, int64_t i, const AdamScalars& s, bool skip_zeros, Fn&& fn) {
     F mv = Lane<F>::load(m + i) * F(b.scale[0]), vv = Lane<F>::load(v + i) * F(b.scale[1]);
     F vmv = kAmsgrad ? Lane<F>::load(vm + i) * F(b.scale[2]) : F(0.0f);
-    const auto update = adam_moments<kAmsgrad>(Lane<F>::load(b.g + i), mv, vv, vmv, s, skip_zeros);
+    const auto update = adam_moments<kAmsgrad, true>(Lane<F>::load(b.g + i), mv, vv, vmv, s, skip_zeros);
     fn(i, mv, vv, vmv, update);
   }
 };

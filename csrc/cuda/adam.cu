@@ -51,11 +51,12 @@ struct PackScratch {
 
 // Scratch of one op call, its slots taken pack by pack (the stats zeroed: they are accumulated). One
 // buffer for all packs, so a pack costs no allocation or memset.
-static_assert(sizeof(AdamScalars) % alignof(StepStats) == 0, "the stats follow the constants in one buffer");
 class Scratch {
  public:
   Scratch(int64_t n, bool with_stats, const at::TensorOptions& options) {
-    const int64_t scalar_bytes = n * static_cast<int64_t>(sizeof(AdamScalars));
+    // The stats follow the constants, at their alignment (their doubles are updated atomically).
+    constexpr int64_t align = alignof(StepStats);
+    const int64_t scalar_bytes = (n * static_cast<int64_t>(sizeof(AdamScalars)) + align - 1) / align * align;
     const int64_t stat_bytes = with_stats ? n * static_cast<int64_t>(sizeof(StepStats)) : 0;
     bytes_ = at::empty({scalar_bytes + stat_bytes}, options.dtype(at::kByte));
     scalars_ = reinterpret_cast<AdamScalars*>(bytes_.data_ptr());
@@ -129,7 +130,7 @@ template <bool kAmsgrad, class X>
 __device__ __forceinline__ void add_stats(X& x, int valid, const AdamScalars& s, bool skip_zeros, ThreadStats& acc) {
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    const bool update = adam_moments<kAmsgrad>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+    const bool update = adam_moments<kAmsgrad, X::kQuantized>(x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
     if (j < valid) acc.add<kAmsgrad>(x.p[j], x.m[j], x.v[j], x.vm[j], update, s);
   }
 }
@@ -141,6 +142,7 @@ using Pack32 = Pack<5, 384>;
 
 template <bool kAmsgrad, class T>
 struct Lanes32 {
+  static constexpr bool kQuantized = false;
   float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread], vm[kPerThread];
 
   __device__ void load(const Pack32& pack, int t, int64_t start, int valid, bool vec) {
@@ -170,7 +172,9 @@ __global__ void __launch_bounds__(kThreads) adam32_kernel(Pack32 pack, const Ada
   Lanes32<kAmsgrad, T> x;
   x.load(pack, t, start, valid, vec);
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) adam_update<kAmsgrad>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+  for (int j = 0; j < kPerThread; ++j) {
+    adam_update<kAmsgrad, false>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+  }
   store_lanes(static_cast<T*>(pack.ptr[0][t]) + start, valid, vec, x.p);
   store_lanes(static_cast<float*>(pack.ptr[2][t]) + start, valid, vec, x.m);
   store_lanes(static_cast<float*>(pack.ptr[3][t]) + start, valid, vec, x.v);
@@ -228,6 +232,7 @@ __device__ void load_shared(Shared8& sh, const float* code1, const float* code2,
 // One thread's kPerThread elements of one chunk, dequantized; a warp holds one state block.
 template <bool kAmsgrad, class T>
 struct Lanes8 {
+  static constexpr bool kQuantized = true;
   float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread], vm[kPerThread];
   int32_t c1[kPerThread], c2[kPerThread], c3[kPerThread];
   int valid;
@@ -272,7 +277,7 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
   float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    adam_update<kAmsgrad>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
+    adam_update<kAmsgrad, true>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
     if (j < valid) {
       max1 = vmax(max1, vabs(x.m[j]));
       max2 = vmax(max2, x.v[j]);
@@ -510,7 +515,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
       for (at::TensorList absmax : {absmax1, absmax2, absmax3}) {
         if (absmax.empty()) continue;
         if (found_inf.has_value()) {
-          absmax[i].masked_fill_(found_inf->eq(0), 0.0);  // unless GradScaler skipped the step
+          absmax[i].masked_fill_(found_inf->reshape({}).eq(0), 0.0);  // unless GradScaler skipped the step
         } else {
           absmax[i].zero_();
         }
