@@ -219,8 +219,14 @@ def _adam_sample(shapes, dtypes, device, transposed=False, options=()):
     return SampleInput((params, grads, m, v, vm, steps, lr, betas, scales, found_inf), {**hyper, **kwargs})
 
 
-def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=(), search_codes=False):
+def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=(), search_codes=False, tiny_v=False):
+    """`tiny_v`: moments over five decades within each block and gradients mostly 0 or tiny, so many
+    v round to code 0 beside nonzero m codes and the moment bound (v >= m^2 / K) decides the step."""
     params, grads, steps = _params(shapes, dtypes, device, transposed, options)
+    if tiny_v:
+        for g in grads:
+            flat = _flat(g)
+            flat.mul_(torch.where(torch.rand(g.numel(), device=device) < 0.5, 0.0, 1e-8).to(g.dtype))
     if search_codes:  # random codes: their lookup tables cannot be exact, so the kernels search
         qmap1 = (torch.rand(256, device=device) * 2 - 1).sort().values
         qmap2 = torch.rand(256, device=device).sort().values
@@ -229,10 +235,15 @@ def _adam8bit_sample(shapes, dtypes, device, transposed=False, options=(), searc
     block_wise = "per_tensor" not in options
     lists = {k: [] for k in ("s1", "s2", "s3", "a1", "a2", "a3")}
     for p in params:
+        m = randn(p.numel(), device=device) * 1e-2
         v = randn(p.numel(), device=device, positive=True) * 1e-4
-        moments = [("1", qmap1, randn(p.numel(), device=device) * 1e-2), ("2", qmap2, v)]
+        if tiny_v:
+            m = m * 10 ** (-5 * torch.rand(p.numel(), device=device))
+            v = m * m * 20  # within exact Adam's bound (m^2 <= 52.9 v at the default betas)
+        moments = [("1", qmap1, m), ("2", qmap2, v)]
         if "amsgrad" in options:
-            moments.append(("3", qmap2, v + randn(p.numel(), device=device, positive=True) * 1e-4))
+            extra = v * torch.rand_like(v) if tiny_v else randn(p.numel(), device=device, positive=True) * 1e-4
+            moments.append(("3", qmap2, v + extra))
         for k, code, values in moments:
             q, amax = quantize_reference(values, code, BLOCK) if block_wise else quantize_per_tensor(values, code)
             if not block_wise and p.numel() == 0:  # a stale scale: the op must reset it to 0
@@ -269,6 +280,8 @@ def adam_samples(device):
 def adam8bit_samples(device):
     yield from _samples(_adam8bit_sample, device, OPTIONS, 700)
     yield _adam8bit_sample(SHAPES, _mixed_dtypes(len(SHAPES)), device, search_codes=True)
+    yield _adam8bit_sample(((4096,), (300,)), (torch.float32, torch.bfloat16), device, tiny_v=True)
+    yield _adam8bit_sample(((4096,),), (torch.float32,), device, options=("amsgrad",), tiny_v=True)
 
 
 def adam_sweep(device, dtype, numel):
