@@ -17,6 +17,11 @@ def pytest_report_header(config):
     return f"torchadam8 tests: ADAM8_SEED={SEED}, devices={DEVICES}, torch {torch.__version__}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    # Also under -q, which hides the header: a failure can then be replayed with the same inputs.
+    terminalreporter.write_line(f"torchadam8 tests: ADAM8_SEED={SEED}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     random.seed(SEED)
