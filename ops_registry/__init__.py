@@ -41,7 +41,28 @@ def define_ops() -> None:
     for info in OPS:
         lib.define(info.name + info.schema)
         torch.library.register_fake(info.qualname, info.fake, lib=lib)
+        _bump_versions_of_mutated(lib, info.name)
     _library = lib
+
+
+def _bump_versions_of_mutated(lib: torch.library.Library, name: str) -> None:
+    """Registers the op's ADInplaceOrView kernel: it bumps the version counter of every tensor the
+    op mutates, as ATen's in-place ops do, so autograd refuses a backward through a parameter the
+    step has changed since the forward read it (instead of silently using the new values)."""
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    mutated = [(i, a.name) for i, a in enumerate(op._schema.arguments) if a.alias_info and a.alias_info.is_write]
+    if not mutated:
+        return
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def kernel(keyset, *args, **kwargs):
+        for i, arg_name in mutated:
+            value = args[i] if i < len(args) else kwargs.get(arg_name)
+            if value is not None:
+                torch.autograd.graph.increment_version(value)
+        return op.redispatch(keyset & below, *args, **kwargs)
+
+    lib.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def get(name: str) -> OpInfo:

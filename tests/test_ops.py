@@ -56,6 +56,19 @@ def test_samples_match_reference(info, device):
         info.compare(sample, *run_both(info, sample))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("info", [i for i in OPS if "!" in i.schema], ids=lambda i: i.name)
+def test_mutated_tensors_get_new_versions(info, device):
+    """As ATen's in-place ops: autograd must see that the op changed a tensor saved for backward."""
+    mutated = [i for i, a in enumerate(info.op._schema.arguments) if a.alias_info and a.alias_info.is_write]
+    for sample in info.sample_inputs(device):
+        args = clone(sample.args)
+        tensors = [t for i in mutated for t in (args[i] if isinstance(args[i], list) else [args[i]])]
+        before = [t._version for t in tensors]
+        info.op(*args, **sample.kwargs)
+        assert all(t._version > v for t, v in zip(tensors, before))
+
+
 @pytest.mark.parametrize("numel", SWEEP_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)

@@ -439,6 +439,19 @@ def test_no_step_moves_a_parameter_further_than_adam_can(cls, amsgrad):
         assert (p.detach() - before).abs().max().item() <= bound * (1 + 1e-4), f"step {t}"
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+def test_backward_through_a_parameter_the_step_changed_is_refused(cls):
+    """As with torch.optim: a graph built before the step cannot be backpropagated after it (it
+    would use the new values silently)."""
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = cls([p], lr=0.5)
+    loss = (p * p).sum()
+    p.grad = torch.ones(5000)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)
