@@ -452,6 +452,28 @@ def test_backward_through_a_parameter_the_step_changed_is_refused(cls):
         loss.backward()
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+def test_state_dict_with_an_empty_parameter_state_loads(cls):
+    """Looking up a parameter's state creates an empty entry (torch.optim's state is a defaultdict),
+    which state_dict() saves: it means no state yet, as for torch.optim."""
+    params = make_params(((5000,), (300,)))
+    opt = cls(params)
+    assert opt.state[params[1]].get("step") is None
+    params[0].grad = torch.randn(5000)
+    opt.step()
+    saved = through_torch_save(opt.state_dict())
+    assert saved["state"][1] == {}
+    twin = copies(params)
+    fresh = cls(twin)
+    fresh.load_state_dict(saved)
+    assert twin[1] not in fresh.state and torch.equal(fresh.state[twin[0]]["state1"], opt.state[params[0]]["state1"])
+    for ps, o in ((params, opt), (twin, fresh)):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o.step()
+    assert_same(snapshot(fresh, twin), snapshot(opt, params))
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)

@@ -123,6 +123,8 @@ def validated_state(opt, state_dict: dict[str, Any]):
         if key not in id_map:
             raise ValueError(f"{where}: the loaded state dict has state for parameter id {key!r}, which no group lists")
         p = id_map[key]
+        if isinstance(saved, dict) and not saved:  # no state yet (torch.optim's state dict makes one on a lookup)
+            continue
         state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb,
                                 configs.get(p))
     return state, new_groups
