@@ -254,6 +254,26 @@ def test_override_of_lr_changes_only_that_parameter(manager):
     assert torch.equal(params[1].detach(), twin[1].detach())  # the other parameter: as without overrides
 
 
+@pytest.mark.parametrize("edit", ["remove", "append", "replace"])
+def test_overrides_follow_their_parameter_when_a_group_is_edited_in_place(manager, edit):
+    """Overrides belong to a parameter, not to its position in the group's list."""
+    a, b, c = (torch.nn.Parameter(torch.randn(5000)) for _ in range(3))
+    manager.override_config(a, key_value_dict={"optim_bits": 32, "lr": 0.5})
+    manager.override_config(c, key_value_dict={"lr": 0.25})
+    opt = Adam8bit([a, b], lr=1e-3)
+    params = opt.param_groups[0]["params"]
+    {"remove": lambda: params.remove(a), "append": lambda: params.append(c),
+     "replace": lambda: params.__setitem__(0, c)}[edit]()
+    before = {id(p): p.detach().clone() for p in params}
+    for p in params:
+        p.grad = torch.ones(5000)
+    opt.step()
+    lr = {id(a): 0.5, id(b): 1e-3, id(c): 0.25}  # the first step of Adam moves by lr
+    for p in params:
+        torch.testing.assert_close((before[id(p)] - p.detach()).abs().max().item(), lr[id(p)], rtol=1e-3, atol=0)
+    assert opt.state[b]["state1"].dtype == torch.uint8
+
+
 def test_amsgrad_matches_torch_adamw_amsgrad_100_steps():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]

@@ -216,6 +216,7 @@ class Adam(torch.optim.Optimizer):
         self._page_out_after_step = page_out_after_step
         self._manager = GlobalOptimManager.get_instance()
         self._overrides: list[list[dict]] = []
+        self._overrides_params: list[list[torch.Tensor]] = []
         self._overrides_version = -1
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
@@ -275,8 +276,10 @@ class Adam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ per-parameter options
     def _read_overrides(self) -> None:
-        """Caches each parameter's GlobalOptimManager overrides, by group and position."""
+        """Caches each parameter's GlobalOptimManager overrides, by group and position (with the
+        parameters they were read for: a group's list edited in place makes them stale)."""
         self._overrides = [[self._manager.config_for(p) for p in g["params"]] for g in self.param_groups]
+        self._overrides_params = [list(g["params"]) for g in self.param_groups]
         self._overrides_version = self._manager.version
 
     def _config(self, p: torch.Tensor) -> dict[str, Any]:
@@ -294,7 +297,11 @@ class Adam(torch.optim.Optimizer):
         return config
 
     def _current_overrides(self) -> list[list[dict[str, Any]]]:
-        if self._overrides_version != self._manager.version:
+        cached = self._overrides_params
+        if self._overrides_version != self._manager.version or len(cached) != len(self.param_groups) or any(
+            len(c) != len(g["params"]) or any(a is not b for a, b in zip(c, g["params"]))
+            for c, g in zip(cached, self.param_groups)
+        ):
             self._read_overrides()
         return self._overrides
 
