@@ -474,6 +474,25 @@ def test_state_dict_with_an_empty_parameter_state_loads(cls):
     assert_same(snapshot(fresh, twin), snapshot(opt, params))
 
 
+def test_named_parameters_are_accepted_and_their_names_kept():
+    """As torch.optim (and bitsandbytes, a torch.optim.Optimizer): (name, tensor) pairs, the names
+    in the group's "param_names", saved and loaded with it."""
+    model = torch.nn.Linear(80, 70)
+    opt = Adam8bit(model.named_parameters(), min_8bit_size=256)
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert opt.param_groups[0]["params"] == [model.weight, model.bias]
+    model(torch.randn(3, 80)).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["state1"].dtype == torch.uint8
+    again = Adam8bit(model.named_parameters(), min_8bit_size=256)
+    again.load_state_dict(through_torch_save(opt.state_dict()))
+    assert again.param_groups[0]["param_names"] == ["weight", "bias"]
+    with pytest.raises(ValueError, match="all optimizer params should be with/without names"):
+        Adam8bit([("weight", model.weight), model.bias])
+    with pytest.raises(TypeError, match=r"parameter 0 of group 0 is a tuple, not a torch.Tensor"):
+        Adam8bit([("weight", model.weight, "extra")])
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)

@@ -105,6 +105,8 @@ def validated_state(opt, state_dict: dict[str, Any]):
         dropped = _BNB_GROUP_KEYS if from_bnb else ()
         # A hyperparameter the saved group lacks keeps the optimizer's default, as torch.optim's groups.
         new = {**opt.defaults, **{k: v for k, v in saved.items() if k not in dropped}, "params": group["params"]}
+        if "param_names" in group and "param_names" not in new:  # as torch.optim: names saved win
+            new["param_names"] = group["param_names"]
         # refused now, not at the next step, and before anything changes
         check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"],
                               f"{where}: group {gi} of the loaded state dict")

@@ -251,8 +251,11 @@ class Adam(torch.optim.Optimizer):
             raise TypeError(f"{name}: the parameters of group {index} are a set, whose order changes between runs "
                             "(and with it the state_dict's); give a list")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        # (name, tensor) pairs, as model.named_parameters() gives: torch.optim keeps the names in the
+        # group's "param_names"
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         seen: dict[int, int] = {}
-        for i, p in enumerate(params):
+        for i, p in enumerate(tensors):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name}: parameter {i} of group {index} is a {type(p).__name__}, not a torch.Tensor")
             if seen.setdefault(id(p), i) != i:  # the kernels would update its memory twice at once
@@ -270,7 +273,7 @@ class Adam(torch.optim.Optimizer):
         merged = {**self.defaults, **group}
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         super().add_param_group({**param_group, "params": params})
-        for p in params:  # made here, not in a (compiled) step, which cannot trace them
+        for p in tensors:  # made here, not in a (compiled) step, which cannot trace them
             self._qmap(p.device)
         self._read_overrides()
 
