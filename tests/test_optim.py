@@ -493,6 +493,19 @@ def test_named_parameters_are_accepted_and_their_names_kept():
         Adam8bit([("weight", model.weight, "extra")])
 
 
+def test_loaded_hyperparameters_are_copies():
+    """As torch.optim: a loaded tensor lr is the optimizer's own (schedulers update it in place)."""
+    params = make_params(((300,),))
+    opt = Adam32bit(params, lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), 0.999))
+    saved = opt.state_dict()
+    other = Adam32bit(copies(params), lr=torch.tensor(5e-3))
+    other.load_state_dict(saved)
+    other.param_groups[0]["lr"].fill_(0.5)
+    other.param_groups[0]["betas"][0].fill_(0.5)
+    assert opt.param_groups[0]["lr"].item() == saved["param_groups"][0]["lr"].item() == pytest.approx(1e-3)
+    assert opt.param_groups[0]["betas"][0].item() == pytest.approx(0.9)
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)

@@ -45,6 +45,7 @@ same maps, and parameters below min_8bit_size keep fp32 moments in both librarie
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -104,7 +105,10 @@ def validated_state(opt, state_dict: dict[str, Any]):
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
         dropped = _BNB_GROUP_KEYS if from_bnb else ()
         # A hyperparameter the saved group lacks keeps the optimizer's default, as torch.optim's groups.
-        new = {**opt.defaults, **{k: v for k, v in saved.items() if k not in dropped}, "params": group["params"]}
+        # copies, as torch.optim: a tensor lr must not be shared with the loaded dict (a scheduler
+        # updates it in place)
+        values = {k: copy.deepcopy(v) for k, v in saved.items() if k not in dropped and k != "params"}
+        new = {**opt.defaults, **values, "params": group["params"]}
         if "param_names" in group and "param_names" not in new:  # as torch.optim: names saved win
             new["param_names"] = group["param_names"]
         # refused now, not at the next step, and before anything changes
