@@ -664,20 +664,30 @@ def test_compiled_step_matches_eager():
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("cls,kwargs", [(Adam8bit, dict(percentile_clipping=5, amsgrad=True)), (Adam32bit, {}),
                                          (Adam, dict(optim_bits=8, args=SimpleNamespace(max_unorm=0.1)))])
-def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how):
+@pytest.mark.parametrize("overridden", [False, True], ids=["", "overrides"])
+def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how, overridden):
     """torch.optim.Optimizer pickles only defaults, state and param_groups; the options this class
-    adds (args, paging) travel too, so the copy steps exactly as the original from then on."""
+    adds (args, paging, each parameter's overrides) travel too, so the copy steps exactly as the
+    original from then on."""
+    manager = GlobalOptimManager.get_instance()
+    manager.initialize()
     params = [torch.nn.Parameter(torch.randn(s)) for s in ((70, 90), (17,))]
-    opt = cls(params, lr=1e-2, **kwargs)
-    for _ in range(2):
-        set_grads(params)
-        opt.step()
-    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
-    twins = [p for g in twin.param_groups for p in g["params"]]
-    assert vars(twin.args) == vars(opt.args)
-    for _ in range(3):
-        set_twin_grads(params, twins)
-        opt.step()
-        twin.step()
+    if overridden:
+        manager.override_config(params[0], key_value_dict={"lr": 1e-4, "betas": (0.8, 0.99)})
+    try:
+        opt = cls(params, lr=1e-2, **kwargs)
+        for _ in range(2):
+            set_grads(params)
+            opt.step()
+        twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        twins = [p for g in twin.param_groups for p in g["params"]]
+        assert vars(twin.args) == vars(opt.args)
+        assert manager.config_for(twins[0]) == manager.config_for(params[0])
+        for _ in range(3):
+            set_twin_grads(params, twins)
+            opt.step()
+            twin.step()
+    finally:
+        manager.initialize()
     for p, q in zip(params, twins):
         assert torch.equal(p.detach(), q.detach())

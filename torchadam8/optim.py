@@ -225,17 +225,25 @@ class Adam(torch.optim.Optimizer):
     # ------------------------------------------------------------ copies and pickles
     def __getstate__(self) -> dict[str, Any]:
         """torch.optim's (defaults, state, param_groups) and this class's options, so that a deep
-        copy or an unpickled optimizer can step (torch's alone would leave them out). Overrides of
-        GlobalOptimManager belong to parameter objects: the copy's new parameters have none."""
+        copy or an unpickled optimizer can step (torch's alone would leave them out), and each
+        parameter's GlobalOptimManager overrides, which the copy registers for its own parameters
+        (the manager keys them by parameter object, and the copy's are new ones)."""
         state = super().__getstate__()
         # The options' values, not the user's args object (which may not pickle or deep-copy).
         args = SimpleNamespace(**{k: getattr(self.args, k) for k in ARGS_KEYS})
-        state.update(args=args, _paged=self._paged, _page_out_after_step=self._page_out_after_step)
+        state.update(args=args, _paged=self._paged, _page_out_after_step=self._page_out_after_step,
+                     overrides=self._current_overrides())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        overrides = state.pop("overrides", None)
         super().__setstate__(state)
         self._manager = GlobalOptimManager.get_instance()
+        for group, group_overrides in zip(self.param_groups, overrides or ()):
+            for p, over in zip(group["params"], group_overrides):
+                if over:
+                    self._manager.override_config(p, key_value_dict=over)
         self._qmaps = {}
         for group in self.param_groups:
             for p in group["params"]:
