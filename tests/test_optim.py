@@ -637,7 +637,9 @@ def test_bad_value_in_a_later_group_is_rejected_before_any_change(key, value, me
     ("betas", (0.9,), r"group 0: Invalid betas: \(0.9,\); expected a pair \(beta1, beta2\)"),
     ("betas", (torch.tensor([0.9, 0.8]), 0.99), r"Invalid beta parameter at index 0: a tensor of shape \[2\]"),
     ("lr", torch.tensor([1e-3, 2e-3]), r"group 0: Invalid learning rate: a tensor of shape \[2\]"),
-], ids=["beta2", "one_beta", "beta_tensor", "lr_tensor"])
+    ("eps", torch.tensor([1e-8, 1e-8]), r"group 0: Invalid epsilon value: a tensor of shape \[2\]"),
+    ("amsgrad", 1, r"group 0: amsgrad must be a bool, got 1"),
+], ids=["beta2", "one_beta", "beta_tensor", "lr_tensor", "eps_tensor", "amsgrad_int"])
 def test_invalid_hyperparameter_set_after_construction_is_rejected_before_any_change(key, value, message):
     params, opt = _trained()
     set_grads(params)

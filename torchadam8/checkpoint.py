@@ -113,7 +113,7 @@ def validated_state(opt, state_dict: dict[str, Any]):
             new["param_names"] = group["param_names"]
         # refused now, not at the next step, and before anything changes
         check_hyperparameters(new["lr"], new["betas"], new["eps"], new["weight_decay"],
-                              f"{where}: group {gi} of the loaded state dict")
+                              f"{where}: group {gi} of the loaded state dict", amsgrad=new["amsgrad"])
         new_groups.append(new)
     # Each parameter's state must fit the options it will step with: the loaded group's (its amsgrad),
     # then its overrides. (Not for bitsandbytes, which ignores amsgrad: its state never holds a

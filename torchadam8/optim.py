@@ -24,7 +24,8 @@ ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise",
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
-def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_tensors: bool = True) -> None:
+def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_tensors: bool = True,
+                          amsgrad: bool = False) -> None:
     """torch.optim's checks and wording, after `where` (who is checking). A tensor lr or beta must
     hold one element; its value is checked only when `read_tensors` (a step does not read them:
     that would sync with the GPU, and the kernels read them from the tensors)."""
@@ -38,6 +39,9 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_te
         invalid(f"Invalid learning rate: a tensor of shape {list(lr.shape)}; expected a number or a one-element tensor")
     if number(lr) and not 0.0 <= lr:
         invalid(f"Invalid learning rate: {lr}")
+    for value, what in ((eps, "epsilon value"), (weight_decay, "weight_decay value")):
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            invalid(f"Invalid {what}: a tensor of shape {list(value.shape)}; expected a number")
     if not 0.0 <= eps:
         invalid(f"Invalid epsilon value: {eps}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -50,6 +54,8 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_te
             invalid(f"Invalid beta parameter at index {i}: {beta}")
     if not 0.0 <= weight_decay:
         invalid(f"Invalid weight_decay value: {weight_decay}")
+    if not isinstance(amsgrad, bool):
+        invalid(f"amsgrad must be a bool, got {amsgrad!r}")
 
 
 class _Batch:
@@ -186,7 +192,7 @@ class Adam(torch.optim.Optimizer):
         *,
         page_out_after_step=False,
     ):
-        check_hyperparameters(lr, betas, eps, weight_decay)
+        check_hyperparameters(lr, betas, eps, weight_decay, type(self).__name__, amsgrad=amsgrad)
         given = dict(
             optim_bits=optim_bits,
             min_8bit_size=min_8bit_size,
@@ -206,8 +212,6 @@ class Adam(torch.optim.Optimizer):
         # A complete args object is kept (bitsandbytes reads it at each step, so a change to it counts);
         # a partial one completes a copy.
         self.args = args if all(hasattr(args, k) for k in ARGS_KEYS) else SimpleNamespace(**validated)
-        if not isinstance(amsgrad, bool):
-            raise ValueError(f"{name}: amsgrad must be a bool, got {amsgrad!r}")
         if not isinstance(page_out_after_step, bool):
             raise ValueError(f"{name}: page_out_after_step must be a bool, got {page_out_after_step!r}")
         self._paged = bool(is_paged) or self._always_paged
@@ -279,7 +283,8 @@ class Adam(torch.optim.Optimizer):
                                  "the kernels update it in place and need contiguous memory")
         group = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **group}
-        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"],
+                              f"{name}: group {index}", amsgrad=merged["amsgrad"])
         super().add_param_group({**param_group, "params": params})
         for p in tensors:  # made here, not in a (compiled) step, which cannot trace them
             self._qmap(p.device)
@@ -493,7 +498,7 @@ class Adam(torch.optim.Optimizer):
         # bad value after earlier batches were updated).
         for gi, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                  f"{type(self).__name__}: group {gi}", read_tensors=False)
+                                  f"{type(self).__name__}: group {gi}", read_tensors=False, amsgrad=group["amsgrad"])
         for gi, group in enumerate(self.param_groups):
             tensors: list = []
             used, layout = self._init_group(group, tensors, gi == 0)
