@@ -506,6 +506,32 @@ def test_loaded_hyperparameters_are_copies():
     assert opt.param_groups[0]["betas"][0].item() == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_checkpoint_saved_between_an_amsgrad_switch_and_the_next_step_loads_anywhere(cls, amsgrad):
+    """The switch takes effect at the next step, so such a checkpoint's states still have the old
+    layout; a fresh optimizer of either amsgrad loads it and steps on as the original."""
+    params = make_params(((5000,), (300,)))
+    opt = cls(params, amsgrad=amsgrad)
+    set_grads(params)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = not amsgrad
+    saved = through_torch_save(opt.state_dict())
+    fresh = []
+    for built_with in (False, True):
+        twin = copies(params)
+        fresh.append((twin, cls(twin, amsgrad=built_with)))
+        fresh[-1][1].load_state_dict(saved)
+        assert fresh[-1][1].param_groups[0]["amsgrad"] is (not amsgrad)
+    grads = [torch.randn_like(p) for p in params]
+    for ps, o in [(params, opt), *fresh]:
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+    for twin, o in fresh:
+        assert_same(snapshot(o, twin), snapshot(opt, params))
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)
@@ -681,6 +707,9 @@ def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how,
         for _ in range(2):
             set_grads(params)
             opt.step()
+        version = manager.version
+        shallow = copy.copy(opt)  # shares the parameters: their overrides are left as they are
+        assert manager.version == version and shallow.param_groups[0]["params"][0] is params[0]
         twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
         twins = [p for g in twin.param_groups for p in g["params"]]
         assert vars(twin.args) == vars(opt.args)

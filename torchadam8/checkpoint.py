@@ -6,13 +6,14 @@ touched here, so a refused checkpoint leaves it exactly as it was.
 
 What the state of a parameter ``p`` must hold is ``opt._state_spec(p, config)`` for the options it
 will step with (its loaded group's hyperparameters, amsgrad among them, then the optimizer's args
-and p's overrides): exactly those keys, each tensor with that dtype and shape (``step`` may be a number or a one-element tensor; it becomes a
-float32 scalar). Moments (tensors shaped like ``p``) are copied into ``p``'s device and memory
+and p's overrides): exactly those keys, each tensor with that dtype and shape (``step`` may be a
+number or a one-element tensor; it becomes a float32 scalar). Moments (tensors shaped like ``p``) are copied into ``p``'s device and memory
 layout, every other tensor onto ``p``'s device.
 
 State of another kind is refused, never converted: 8-bit codes where this optimizer keeps fp32
-moments (or the reverse), amsgrad's ``state3`` present or missing, the percentile-clipping history
-``gnorm_vec`` missing, per-tensor scales where per-block ones are expected. A conversion would
+moments (or the reverse), the percentile-clipping history ``gnorm_vec`` missing, per-tensor scales
+where per-block ones are expected. (amsgrad's ``state3`` present or missing is accepted: the next
+step makes or drops it, as when amsgrad is switched mid-training.) A conversion would
 quietly quantize or dequantize the moments, or invent a history, and so continue a different
 training run than the one saved; the error says which option to match instead (optim_bits,
 min_8bit_size, amsgrad, percentile_clipping, block_wise). Likewise 8-bit codes saved in another
@@ -153,25 +154,31 @@ def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = 
     (`config`: the options p will step with; by default its current ones), each with
     that dtype and shape, copied onto p's device (moments into p's layout); else ValueError.
 
-    A saved state of another kind (8-bit vs 32-bit, amsgrad or not, with or without a percentile
-    history, per-block vs per-tensor scales) is refused, not converted: converting would quantize,
+    A saved state of another kind (8-bit vs 32-bit, with or without a percentile history,
+    per-block vs per-tensor scales) is refused, not converted: converting would quantize,
     dequantize or make up state, so training would not continue as saved. `from_bnb` first turns
-    bitsandbytes' layout into ours (see the module docstring). One exception: when options changed
-    after p's state was made, the optimizer steps on with that state's own layout, so a state dict
-    it saved then, which holds that layout, loads too."""
+    bitsandbytes' layout into ours (see the module docstring). Two exceptions, layouts the optimizer
+    itself steps on from: amsgrad's maximum present or missing against the options (the next step
+    makes or drops it: a state dict saved between switching amsgrad and that step holds the old
+    layout), and, when options changed after p's state was made, that state's own layout."""
+    config = config or opt._config(p)
     spec = opt._state_spec(p, config)
     try:
         return _state_as(opt, p, saved, spec, where, from_bnb)
     except ValueError as first:
+        alternatives = [opt._state_spec(p, {**config, "amsgrad": not config["amsgrad"]})]
         current = opt.state.get(p)
-        layout = {k: (v.dtype, tuple(v.shape)) for k, v in (current or {}).items() if isinstance(v, torch.Tensor)}
-        layout["step"] = spec["step"]
-        if not current or from_bnb or layout == spec:
-            raise
-        try:
-            return _state_as(opt, p, saved, layout, where, from_bnb)
-        except ValueError:
-            raise first from None  # what the options ask for
+        if current and not from_bnb:
+            layout = {k: (v.dtype, tuple(v.shape)) for k, v in current.items() if isinstance(v, torch.Tensor)}
+            layout["step"] = spec["step"]
+            alternatives.append(layout)
+        for alternative in alternatives:
+            if alternative != spec:
+                try:
+                    return _state_as(opt, p, saved, alternative, where, from_bnb)
+                except ValueError:
+                    pass
+        raise first from None  # what the options ask for
 
 
 def _state_as(opt, p: torch.Tensor, saved: Any, spec: dict, where: str, from_bnb: bool) -> dict[str, torch.Tensor]:

@@ -246,7 +246,8 @@ class Adam(torch.optim.Optimizer):
         self._manager = GlobalOptimManager.get_instance()
         for group, group_overrides in zip(self.param_groups, overrides or ()):
             for p, over in zip(group["params"], group_overrides):
-                if over:
+                # (not again for a parameter that has them: a shallow copy shares the parameters)
+                if over and self._manager.config_for(p) != over:
                     self._manager.override_config(p, key_value_dict=over)
         self._qmaps = {}
         for group in self.param_groups:
@@ -302,7 +303,7 @@ class Adam(torch.optim.Optimizer):
         """The options of parameter p: the constructor's (or args'), its group's, then its overrides."""
         gindex, pindex = next((gi, pi) for gi, g in enumerate(self.param_groups)
                               for pi, q in enumerate(g["params"]) if q is p)
-        return {**self._group_config(gindex), **self._current_overrides()[gindex][pindex]}
+        return {**self._group_config(gindex), **self._current_overrides(gindex)[gindex][pindex]}
 
     def _group_config(self, gindex: int, group: dict[str, Any] | None = None) -> dict[str, Any]:
         """The options of a group's parameters that have no overrides (`group`: in place of group
@@ -312,11 +313,17 @@ class Adam(torch.optim.Optimizer):
         config.update((k, group.get(k, self.defaults[k])) for k in HYPER_KEYS)
         return config
 
-    def _current_overrides(self) -> list[list[dict[str, Any]]]:
-        cached = self._overrides_params
-        if self._overrides_version != self._manager.version or len(cached) != len(self.param_groups) or any(
-            len(c) != len(g["params"]) or any(a is not b for a, b in zip(c, g["params"]))
-            for c, g in zip(cached, self.param_groups)
+    def _current_overrides(self, gindex: int | None = None) -> list[list[dict[str, Any]]]:
+        """The cached overrides, reread when stale; `gindex`: only that group's are needed (a step
+        checks each group's list once, not every group's for each group)."""
+        cached, groups = self._overrides_params, self.param_groups
+
+        def stale(gi):
+            params = groups[gi]["params"]
+            return len(cached[gi]) != len(params) or any(a is not b for a, b in zip(cached[gi], params))
+
+        if self._overrides_version != self._manager.version or len(cached) != len(groups) or any(
+            stale(gi) for gi in (range(len(groups)) if gindex is None else (gindex,))
         ):
             self._read_overrides()
         return self._overrides
@@ -434,7 +441,7 @@ class Adam(torch.optim.Optimizer):
                                              or grad.device != p.device):
                         raise self._grad_error(p, grad, gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        overrides = self._current_overrides()[gi]
+        overrides = self._current_overrides(gi)[gi]
         group_config = self._group_config(gi)
         # The batch key's options, for parameters without overrides (most): the same for the group.
         group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())

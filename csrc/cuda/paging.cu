@@ -77,8 +77,10 @@ void free_deferred() {
 void free_managed(void* p) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status);
-  if (err != cudaSuccess) (void)cudaGetLastError();  // leave no error for a later check to report
-  if (err == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+  // A failed query may mean a capture elsewhere (the legacy stream's, during a global-mode capture
+  // on another stream): wait too. The error is cleared, so no later check reports it.
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  if (err != cudaSuccess || status != cudaStreamCaptureStatusNone) {
     const std::lock_guard<std::mutex> lock(deferred_mutex);
     deferred_frees.push_back(p);
     return;
