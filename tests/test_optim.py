@@ -532,6 +532,56 @@ def test_checkpoint_saved_between_an_amsgrad_switch_and_the_next_step_loads_anyw
         assert_same(snapshot(o, twin), snapshot(opt, params))
 
 
+def test_parameter_moved_to_channels_last_after_the_state_was_made():
+    """fp32 moments follow the parameter to its new memory format (as torch.optim's); 8-bit codes
+    cannot (their blocks follow memory order): refused before any group steps."""
+    torch.manual_seed(0)
+    lin, conv = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 16, 3)
+    ref_lin, ref_conv = copy.deepcopy(lin), copy.deepcopy(conv)
+    groups = lambda a, b: [{"params": list(a.parameters())}, {"params": list(b.parameters())}]  # noqa: E731
+    opt, ref = Adam32bit(groups(lin, conv), lr=1e-2), torch.optim.AdamW(groups(ref_lin, ref_conv), lr=1e-2,
+                                                                          weight_decay=0.0)
+    for t in range(3):
+        if t == 1:
+            conv.to(memory_format=torch.channels_last)
+            ref_conv.to(memory_format=torch.channels_last)
+        for m, r in ((lin, ref_lin), (conv, ref_conv)):
+            for p, q in zip(m.parameters(), r.parameters()):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip([*lin.parameters(), *conv.parameters()], [*ref_lin.parameters(), *ref_conv.parameters()]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert opt.state[conv.weight]["state1"].stride() == conv.weight.stride()
+
+    conv8 = torch.nn.Conv2d(8, 16, 3)
+    opt8 = Adam8bit([{"params": list(lin.parameters())}, {"params": list(conv8.parameters())}], min_8bit_size=256)
+    set_grads([*lin.parameters(), *conv8.parameters()])
+    opt8.step()
+    conv8.to(memory_format=torch.channels_last)
+    set_grads([*lin.parameters(), *conv8.parameters()])
+    before = snapshot(opt8, [*lin.parameters(), *conv8.parameters()])
+    with pytest.raises(ValueError, match=r"parameter 0 of group 1 \(shape \[16, 8, 3, 3\]\) now has strides "
+                                         r"\[72, 1, 24, 8\] but its 8-bit state has strides \[72, 9, 3, 1\]"):
+        opt8.step()
+    assert_same(before, snapshot(opt8, [*lin.parameters(), *conv8.parameters()]))
+
+
+def test_parameter_replaced_by_one_of_another_shape_is_refused_before_any_change():
+    a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20, 30))
+    opt = Adam32bit([{"params": [a]}, {"params": [b]}])
+    set_grads([a, b])
+    opt.step()
+    b.data = torch.randn(30, 20)
+    set_grads([a, b])
+    before = snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"parameter 0 of group 1 \(shape \[30, 20\]\): its state was made for a "
+                                         r"\[20, 30\] parameter on cpu; the parameter was replaced"):
+        opt.step()
+    assert_same(before, snapshot(opt, [a, b]))
+
+
 def test_amsgrad_switched_on_mid_training_starts_its_maximum_at_v():
     params = make_params(((300,),))
     opt = Adam32bit(params)
