@@ -210,15 +210,22 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Config()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--d-model", type=int, default=defaults.d_model)
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--ctx", type=int, default=defaults.ctx)
-    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--steps", type=positive, default=defaults.steps)
+    parser.add_argument("--d-model", type=positive, default=defaults.d_model)
+    parser.add_argument("--layers", type=positive, default=defaults.layers)
+    parser.add_argument("--heads", type=positive, default=defaults.heads)
+    parser.add_argument("--ctx", type=positive, default=defaults.ctx)
+    parser.add_argument("--batch", type=positive, default=defaults.batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +235,11 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model and the optimizer step (default: on for CUDA, off for CPU)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.optimizers.split(",") if name not in OPTIMIZERS]
+    if unknown:  # before any training, not after the first ones
+        parser.error(f"--optimizers: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(OPTIMIZERS)}")
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     cfg = Config(

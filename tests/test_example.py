@@ -1,6 +1,7 @@
 """The main example trains: Adam8bit ends within 2% of AdamW's loss on held-out text."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +66,29 @@ def test_compiled_training_loop_matches_eager(example, capsys):
     eager = example.main(argv + ["--no-compile"])[0]
     assert "compiled (model and optimizer step)" in capsys.readouterr().out
     assert abs(compiled.val_loss - eager.val_loss) < 1e-3 * eager.val_loss, (compiled, eager)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--optimizers", "AdamW,Adam8bitX"], "--optimizers: unknown 'Adam8bitX'; choose from AdamW, "),
+    (["--heads", "3"], r"--d-model \(128\) must be a multiple of --heads \(3\)"),
+])
+def test_bad_command_line_is_refused_before_any_training(example, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sets", "single,"], "--sets: unknown ''; choose from single, gpt2-medium"),
+    (["--dtypes", "fp64"], "--dtypes: unknown 'fp64'; choose from fp32, bf16, fp16"),
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+])
+def test_bench_refuses_a_bad_command_line(capsys, argv, message):
+    from torchadam8 import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*argv, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -247,26 +247,42 @@ def compile_times(device: str, scale: int) -> None:
     print()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sets", default=None, help="comma-separated: single, gpt2-medium, small-many, host-overhead "
                         "(default: single on CPU, all three on GPU)")
     parser.add_argument("--dtypes", default=None, help="comma-separated: fp32, bf16, fp16 (default: fp32 on CPU, fp32,bf16 on GPU)")
-    parser.add_argument("--numel", type=int, default=None, help="elements of the 'single' set")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--numel", type=_positive, default=None, help="elements of the 'single' set")
+    parser.add_argument("--steps", type=_positive, default=None, help="timed steps per optimizer (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--peers", default=None, help="comma-separated substrings selecting optimizers")
     parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays of each step (peers "
                         "that cannot be captured are reported as failed)")
     parser.add_argument("--compile-time", action="store_true", help="only the cold torch.compile time of the "
                         "step on the GPT-2-medium tensors, ours against torch.optim.AdamW")
-    parser.add_argument("--scale", type=int, default=16, help="--compile-time: divide each dimension by this")
+    parser.add_argument("--scale", type=_positive, default=16, help="--compile-time: divide each dimension by this")
     parser.add_argument("--paged", action="store_true", help="add PagedAdam8bit / PagedAdam32bit, with and "
                         "without page_out_after_step (states in managed memory)")
     args = parser.parse_args(argv)
     device = args.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: this torch has no usable CUDA device")
+    if args.graph and torch.device(device).type != "cuda":
+        parser.error("--graph times CUDA-graph replays: it needs --device cuda")
+    for option, given, known in (("--sets", args.sets, tuple(parameter_sets(device))),
+                                 ("--dtypes", args.dtypes, tuple(DTYPES))):
+        unknown = [v for v in (given or "").split(",") if given is not None and v not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device != "cpu"
