@@ -408,28 +408,26 @@ class Adam(torch.optim.Optimizer):
         for paged in self._paged_states().values():
             torch.ops.adam8.page_out(paged)
 
-    def _check_state_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
+    def _follow_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
         """A parameter changed since its state was made (its data replaced, or moved to another memory
         format): fp32 moments follow it to its new layout, as torch.optim's would; anything else is
         refused before any group steps (8-bit codes cannot move: their blocks follow memory order)."""
-        moments = [k for k in ("state1", "state2", "state3") if k in state]
-        if not moments:
-            return
         where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
-        first = state[moments[0]]
+        first = state["state1"]
         if first.shape != p.shape or first.device != p.device:
             raise ValueError(f"{where}: its state was made for a {list(first.shape)} parameter on {first.device}; "
                              "the parameter was replaced: give the optimizer a state for it (load_state_dict) or a "
                              "new optimizer")
-        if p.numel() <= 1 or all(state[k].stride() == p.stride() for k in moments):
+        if p.numel() <= 1:
             return
         if first.dtype == torch.uint8:
             raise ValueError(f"{where} now has strides {list(p.stride())} but its 8-bit state has strides "
                              f"{list(first.stride())}: the state's absmax blocks follow the old memory order, so "
                              "it cannot follow without requantizing (refused); restore the parameter's memory format")
-        for k in moments:
-            state[k] = (paged_zeros_like(p, torch.float32) if self._pages(p, k) else
-                        torch.empty_like(p, dtype=torch.float32)).copy_(state[k])
+        for k in ("state1", "state2", "state3"):
+            if k in state:
+                state[k] = (paged_zeros_like(p, torch.float32) if self._pages(p, k) else
+                            torch.empty_like(p, dtype=torch.float32)).copy_(state[k])
 
     def _grad_error(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> Exception:
         """The error naming the parameter, for a gradient g that _init_group found unusable."""
@@ -463,8 +461,10 @@ class Adam(torch.optim.Optimizer):
                     if grad is not None and (grad.dtype != p.dtype or grad.shape != p.shape or grad.is_sparse
                                              or grad.device != p.device):
                         raise self._grad_error(p, grad, gi, pi)
-                    if grad is not None and p in self.state:
-                        self._check_state_layout(p, self.state[p], gi, pi)
+                    if grad is not None:
+                        moment = self.state.get(p, {}).get("state1")  # (all moments share its layout)
+                        if moment is not None and (moment.shape != p.shape or moment.stride() != p.stride()):
+                            self._follow_layout(p, self.state[p], gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides(gi)[gi]
         group_config = self._group_config(gi)
