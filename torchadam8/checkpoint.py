@@ -7,8 +7,8 @@ touched here, so a refused checkpoint leaves it exactly as it was.
 What the state of a parameter ``p`` must hold is ``opt._state_spec(p, config)`` for the options it
 will step with (its loaded group's hyperparameters, amsgrad among them, then the optimizer's args
 and p's overrides): exactly those keys, each tensor with that dtype and shape (``step`` may be a
-number or a one-element tensor; it becomes a float32 scalar). Moments (tensors shaped like ``p``) are copied into ``p``'s device and memory
-layout, every other tensor onto ``p``'s device.
+number or a one-element tensor; it becomes a float32 scalar). Moments (tensors shaped like ``p``)
+are copied into ``p``'s device and memory layout, every other tensor onto ``p``'s device.
 
 State of another kind is refused, never converted: 8-bit codes where this optimizer keeps fp32
 moments (or the reverse), the percentile-clipping history ``gnorm_vec`` missing, per-tensor scales
@@ -117,11 +117,11 @@ def validated_state(opt, state_dict: dict[str, Any]):
                               f"{where}: group {gi} of the loaded state dict", amsgrad=new["amsgrad"])
         new_groups.append(new)
     # Each parameter's state must fit the options it will step with: the loaded group's (its amsgrad),
-    # then its overrides. (Not for bitsandbytes, which ignores amsgrad: its state never holds a
-    # running maximum, whatever its groups say; the current options decide, as for any option.)
+    # then its overrides. (For bitsandbytes, which ignores amsgrad, the current groups': its state
+    # never holds a running maximum, whatever its groups say.)
     configs = {}
     overrides = opt._current_overrides()
-    for gi, group in enumerate(new_groups if not from_bnb else ()):
+    for gi, group in enumerate(groups if from_bnb else new_groups):
         group_config = opt._group_config(gi, group)
         for pi, p in enumerate(group["params"]):
             configs[p] = {**group_config, **overrides[gi][pi]}
@@ -133,7 +133,7 @@ def validated_state(opt, state_dict: dict[str, Any]):
         if isinstance(saved, dict) and not saved:  # no state yet (torch.optim's state dict makes one on a lookup)
             continue
         state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb,
-                                configs.get(p))
+                                configs[p])
     return state, new_groups
 
 
@@ -148,11 +148,10 @@ def is_bitsandbytes_state_dict(state_dict: dict[str, Any]) -> bool:
     return any(isinstance(s, dict) and any(m in s for m in markers) for s in states.values())
 
 
-def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = False,
-                 config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool,
+                 config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The state of `p` from its saved state: exactly the keys of ``opt._state_spec(p, config)``
-    (`config`: the options p will step with; by default its current ones), each with
-    that dtype and shape, copied onto p's device (moments into p's layout); else ValueError.
+    (`config`: the options p will step with), each with that dtype and shape, copied onto p's device (moments into p's layout); else ValueError.
 
     A saved state of another kind (8-bit vs 32-bit, with or without a percentile history,
     per-block vs per-tensor scales) is refused, not converted: converting would quantize,
@@ -161,7 +160,6 @@ def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool = 
     itself steps on from: amsgrad's maximum present or missing against the options (the next step
     makes or drops it: a state dict saved between switching amsgrad and that step holds the old
     layout), and, when options changed after p's state was made, that state's own layout."""
-    config = config or opt._config(p)
     spec = opt._state_spec(p, config)
     try:
         return _state_as(opt, p, saved, spec, where, from_bnb)
