@@ -231,6 +231,37 @@ def test_closure_and_functional_api_agree():
     assert torch.equal(s1, opt.state[params[0]]["state1"])
 
 
+@pytest.mark.parametrize("fn", ["adam", "adam8bit"])
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", -1e-3, "Invalid learning rate: -0.001"),
+    ("lr", torch.tensor([1e-3, 2e-3]), r"Invalid learning rate: a tensor of shape \[2\]"),
+    ("lr", None, "Invalid learning rate: None; expected a real number or a one-element tensor"),
+    ("beta1", None, "Invalid beta parameter at index 0: None"),
+    ("beta2", 1.0, "Invalid beta parameter at index 1: 1.0"),
+    ("eps", -1e-8, "Invalid epsilon value: -1e-08"),
+    ("weight_decay", "0.1", "Invalid weight_decay value: '0.1'; expected a real number"),
+])
+def test_functional_api_refuses_bad_hyperparameters_before_any_change(fn, key, value, message):
+    p, g = torch.randn(300), torch.randn(300)
+    steps = [torch.zeros(())]
+    if fn == "adam":
+        states = [torch.zeros(300)], [torch.zeros(300)]
+        call = lambda **kw: torchadam8.functional.adam([p], [g], *states, steps, **kw)  # noqa: E731
+    else:
+        states = [torch.zeros(300, dtype=torch.uint8)], [torch.zeros(300, dtype=torch.uint8)]
+        call = lambda **kw: torchadam8.functional.adam8bit(  # noqa: E731
+            [p], [g], *states, steps, [torch.zeros(2)], [torch.zeros(2)], *torchadam8.dynamic_maps(), **kw)
+    before = p.clone()
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    kwargs[key] = value
+    with pytest.raises(ValueError, match=f"torchadam8.functional.{fn}: {message}"):
+        call(**kwargs)
+    assert torch.equal(p, before) and steps[0].item() == 0.0
+    kwargs[key] = torch.tensor(0.5) if key in ("lr", "beta1", "beta2") else 0.0  # a tensor's value is not read
+    call(**kwargs)
+    assert steps[0].item() == 1.0 and not torch.equal(p, before)
+
+
 # ------------------------------------------------------------ bitsandbytes parity (CPU)
 @pytest.mark.parametrize("bits", [8, 32])
 def test_parity_with_bitsandbytes_50_steps(bits):
@@ -612,6 +643,10 @@ CONSTRUCTION_ERRORS = [
     (dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
     (dict(betas=(0.9,)), ValueError, "Invalid betas"),
     (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
+    (dict(lr=None), ValueError, "Invalid learning rate: None; expected a real number or a one-element tensor"),
+    (dict(lr="1e-3"), ValueError, "Invalid learning rate: '1e-3'; expected a real number"),
+    (dict(betas=(0.9, None)), ValueError, "Invalid beta parameter at index 1: None; expected a real number"),
+    (dict(eps=True), ValueError, "Invalid epsilon value: True; expected a real number"),
     (dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
     (dict(min_8bit_size=-1), ValueError, "min_8bit_size must be an int >= 0"),
     (dict(amsgrad=1), ValueError, "amsgrad must be a bool, got 1"),

@@ -54,6 +54,7 @@ import torch
 
 from ops_registry.checks import is_dense
 
+from .functional import check_hyperparameters
 from .paged import paged_zeros_like
 from .qmap import dynamic_maps
 
@@ -100,7 +101,6 @@ def validated_state(opt, state_dict: dict[str, Any]):
             )
         id_map.update(zip(saved["params"], group["params"]))
     from_bnb = is_bitsandbytes_state_dict(state_dict)
-    from .optim import check_hyperparameters  # (optim imports this module)
 
     new_groups = []
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):

@@ -7,6 +7,7 @@ classes refuse repeated parameters)."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -67,6 +68,46 @@ def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, devic
     return _eager_constant((torch.device(device), "betas", beta1, beta2), make)
 
 
+def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_tensors: bool = True,
+                          amsgrad: bool = False) -> None:
+    """torch.optim's checks and wording, after `where` (who is checking). lr and the betas are
+    numbers or one-element tensors, eps and weight_decay numbers (or one-element tensors, read);
+    a tensor's value is checked only when `read_tensors` (a step does not read them: that would
+    sync with the GPU, and the kernels read them from the tensors)."""
+    def invalid(what):
+        raise ValueError(f"{where}: {what}" if where else what)
+
+    def checked(value, what, may_be_tensor=True):
+        """value as a float to compare, or None for a tensor whose value is not read."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex():
+                invalid(f"Invalid {what}: a tensor of shape {list(value.shape)} and dtype {value.dtype}; "
+                        f"expected a real number{' or a one-element tensor' if may_be_tensor else ''}")
+            return value.item() if read_tensors or not may_be_tensor else None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats too
+            invalid(f"Invalid {what}: {value!r}; expected a real number"
+                    f"{' or a one-element tensor' if may_be_tensor else ''}")
+        return value
+
+    value = checked(lr, "learning rate")
+    if value is not None and not 0.0 <= value:
+        invalid(f"Invalid learning rate: {lr}")
+    value = checked(eps, "epsilon value", may_be_tensor=False)
+    if not 0.0 <= value:
+        invalid(f"Invalid epsilon value: {eps}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        invalid(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        value = checked(beta, f"beta parameter at index {i}")
+        if value is not None and not 0.0 <= value < 1.0:
+            invalid(f"Invalid beta parameter at index {i}: {beta}")
+    value = checked(weight_decay, "weight_decay value", may_be_tensor=False)
+    if not 0.0 <= value:
+        invalid(f"Invalid weight_decay value: {weight_decay}")
+    if not isinstance(amsgrad, bool):
+        invalid(f"amsgrad must be a bool, got {amsgrad!r}")
+
+
 def percentile_clipping(grads: Tensors, gnorm_vecs: Tensors, steps: Tensors, percentile: int) -> torch.Tensor:
     """Records each gradient's squared norm in its 100-step history (``gnorm_vecs``; ``steps`` are
     the counts before this step) and returns the factors, one per gradient, that clip each to the
@@ -100,7 +141,17 @@ def adam(
     uses the new counts for the bias corrections. ``max_exp_avg_sqs`` (one per parameter) turns on
     amsgrad; ``gnorm_scales`` (one factor per parameter, from :func:`percentile_clipping`) scales
     the gradients; ``found_inf`` (a float32 scalar, torch.amp.GradScaler's) skips the whole step,
-    step counts included, where nonzero; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options."""
+    step counts included, where nonzero; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options.
+    Bad hyperparameters raise ValueError (a tensor lr or beta is not read: no sync)."""
+    check_hyperparameters(lr, (beta1, beta2), eps, weight_decay, "torchadam8.functional.adam", read_tensors=False)
+    _adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, max_exp_avg_sqs=max_exp_avg_sqs, gnorm_scales=gnorm_scales, found_inf=found_inf,
+          max_unorm=max_unorm, skip_zeros=skip_zeros)
+
+
+def _adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, max_exp_avg_sqs=(),
+          gnorm_scales=None, found_inf=None, max_unorm=0.0, skip_zeros=False) -> None:
+    """adam without the hyperparameter checks (the optimizer classes check every group first)."""
     if not params:
         return
     device = params[0].device
@@ -139,6 +190,17 @@ def adam8bit(
     values, or one per tensor when not ``block_wise``); advances ``steps`` like :func:`adam`. The
     update uses the new moments before they are requantized. ``state3`` / ``absmax3`` hold
     amsgrad's running maximum of the second moment (unsigned code); ``found_inf`` as in :func:`adam`."""
+    check_hyperparameters(lr, (beta1, beta2), eps, weight_decay, "torchadam8.functional.adam8bit",
+                          read_tensors=False)
+    _adam8bit(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr=lr, beta1=beta1, beta2=beta2,
+              eps=eps, weight_decay=weight_decay, state3=state3, absmax3=absmax3, gnorm_scales=gnorm_scales,
+              found_inf=found_inf, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise)
+
+
+def _adam8bit(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, *, lr, beta1, beta2, eps,
+              weight_decay, state3=(), absmax3=(), gnorm_scales=None, found_inf=None, max_unorm=0.0, skip_zeros=False,
+              block_wise=True) -> None:
+    """adam8bit without the hyperparameter checks."""
     if not params:
         return
     device = params[0].device

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import functional as F
+from .functional import check_hyperparameters
 from .checkpoint import validated_state
 from .overrides import GlobalOptimManager, _validated
 from .paged import PAGED_MIN_NUMEL, PagedTensor, paged_zeros_like, unwrap
@@ -22,40 +23,6 @@ BLOCK = 256  # values per absmax of the 8-bit states (csrc/adam8_math.h: kStateB
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
 # Per-group hyperparameters a per-parameter override may pin.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-
-
-def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_tensors: bool = True,
-                          amsgrad: bool = False) -> None:
-    """torch.optim's checks and wording, after `where` (who is checking). A tensor lr or beta must
-    hold one element; its value is checked only when `read_tensors` (a step does not read them:
-    that would sync with the GPU, and the kernels read them from the tensors)."""
-    def invalid(what):
-        raise ValueError(f"{where}: {what}" if where else what)
-
-    def number(value):
-        return read_tensors or not isinstance(value, torch.Tensor)
-
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        invalid(f"Invalid learning rate: a tensor of shape {list(lr.shape)}; expected a number or a one-element tensor")
-    if number(lr) and not 0.0 <= lr:
-        invalid(f"Invalid learning rate: {lr}")
-    for value, what in ((eps, "epsilon value"), (weight_decay, "weight_decay value")):
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            invalid(f"Invalid {what}: a tensor of shape {list(value.shape)}; expected a number")
-    if not 0.0 <= eps:
-        invalid(f"Invalid epsilon value: {eps}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        invalid(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
-            invalid(f"Invalid beta parameter at index {i}: a tensor of shape {list(beta.shape)}; "
-                    "expected a number or a one-element tensor")
-        if number(beta) and not 0.0 <= beta < 1.0:
-            invalid(f"Invalid beta parameter at index {i}: {beta}")
-    if not 0.0 <= weight_decay:
-        invalid(f"Invalid weight_decay value: {weight_decay}")
-    if not isinstance(amsgrad, bool):
-        invalid(f"amsgrad must be a bool, got {amsgrad!r}")
 
 
 class _Batch:
@@ -570,10 +537,10 @@ class Adam(torch.optim.Optimizer):
         if paged:
             torch.ops.adam8.prefetch(paged)
         if eight_bit:
-            F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2, *self._qmap(device),
+            F._adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2, *self._qmap(device),
                        state3=b.state3, absmax3=b.absmax3, block_wise=block_wise, **options)
         else:
-            F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
+            F._adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
         if paged and self._page_out_after_step:
             torch.ops.adam8.page_out(paged)
 
