@@ -105,7 +105,8 @@ def _compiler_with_shared_libstdcxx() -> str | None:
     if system is None or not _links_libstdcxx_shared(system):
         raise RuntimeError(f"torchadam8: CXX={cxx} links libstdc++ statically and no `c++` on PATH links it "
                            "shared; set CXX to a compiler that links the libstdc++.so torch loads")
-    print(f"torchadam8: CXX={cxx} links libstdc++ statically; building with {system} instead", file=sys.stderr)
+    print(f"torchadam8: CXX={cxx} links libstdc++ statically; building with {system} instead (and the system cc "
+          "as nvcc's host compiler)", file=sys.stderr)
     return system
 
 
@@ -133,9 +134,13 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
     # No FMA contraction: the only fused multiply-adds are the explicit ones of adam8_math.h, so
     # SIMD, scalar and CUDA lanes round alike.
     cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *simd_flags()]
-    saved_cxx = os.environ.get("CXX")
+    saved = {k: os.environ.get(k) for k in ("CXX", "CC")}
     if cxx is not None:
         os.environ["CXX"] = cxx  # torch's build reads the compiler from $CXX
+        # and gives $CC to nvcc as its host compiler (-ccbin): the same toolchain for both
+        system_cc = shutil.which("cc")
+        if saved["CC"] is not None and system_cc is not None:
+            os.environ["CC"] = system_cc
     try:
         cpp_extension.load(
             name=NAME,
@@ -152,8 +157,11 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
             verbose=verbose,
         )
     finally:
-        if cxx is not None:
-            os.environ["CXX"] = saved_cxx
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if building:
         print(f"torchadam8: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     _loaded = str(library)

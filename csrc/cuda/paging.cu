@@ -60,7 +60,10 @@ void migrate(const char* op, at::TensorList tensors, bool to_host) {
 
 // Managed memory whose tensor died while the current stream was capturing a CUDA graph: cudaFree
 // is not allowed then (it would invalidate the capture), so it waits here for the next free or
-// allocation outside a capture.
+// allocation outside a capture. Only this thread's current stream is asked: a paged state that
+// dies on another thread, or under another stream, during a global-mode capture still invalidates
+// it (no CUDA call tells of captures elsewhere), and a graph must not be replayed after a state it
+// read has died (as for any tensor a CUDA graph uses).
 std::mutex deferred_mutex;
 std::vector<void*> deferred_frees;
 
