@@ -24,6 +24,7 @@ using namespace adam8::cpu;
 namespace {
 
 constexpr int W = Lane<Wide>::kWidth;
+int32_t v_first_positive = 0;  // the unsigned code's, set in main (the kernels' keep_positive rule)
 using WI = Lane<Wide>::I;
 
 // One 256-value block, fp32 parameters, blockwise scales; the passes up to `kLast` run:
@@ -43,7 +44,7 @@ void block(float* p, const float* g, uint8_t* q1, uint8_t* q2, float* a1, float*
   Wide max1(0.0f), max2(0.0f), unused(0.0f);
   for (int64_t i = 0; i < kStateBlock; i += W) {
     Wide mv = Lane<Wide>::load(m + i) * Wide(*a1), vv = Lane<Wide>::load(v + i) * Wide(*a2);
-    const auto update = adam_moments<false>(Lane<Wide>::load(g + i), mv, vv, unused, s, false);
+    const auto update = adam_moments<false, true>(Lane<Wide>::load(g + i), mv, vv, unused, s, false);
     const Wide pv = Lane<Wide>::load(p + i);
     store_lane(p + i, vselect(update, adam_param(pv, adam_direction(mv, vv, s), s), pv));
     store_lane(m + i, mv);
@@ -66,7 +67,8 @@ void block(float* p, const float* g, uint8_t* q1, uint8_t* q2, float* a1, float*
   for (int64_t i = 0; i < kStateBlock; i += W) {
     const WI k1 = load_ints(e[0] + i, static_cast<Wide*>(nullptr)), k2 = load_ints(e[1] + i, static_cast<Wide*>(nullptr));
     store_code(q1 + i, lut_resolve<Wide, WI>(Lane<Wide>::load(m + i) * inv1, k1));
-    store_code(q2 + i, lut_resolve<Wide, WI>(Lane<Wide>::load(v + i) * inv2, k2));
+    const Wide xv = Lane<Wide>::load(v + i) * inv2;
+    store_code(q2 + i, keep_positive<Wide, WI>(lut_resolve<Wide, WI>(xv, k2), xv, v_first_positive));
   }
 }
 
@@ -100,6 +102,7 @@ int main() {
   std::fclose(file);
   const HostLut l1 = build_lut(maps.data()), l2 = build_lut(maps.data() + kCodeSize);
   const QuantLut c1 = l1.view(), c2 = l2.view();
+  v_first_positive = l2.first_positive;
   // States as training leaves them: zero codes, then five steps with fresh Gaussian gradients.
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;

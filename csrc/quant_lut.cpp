@@ -14,6 +14,7 @@ HostLut build_lut(const float* code) {
   bool ok = true;
   for (int32_t key = 0; key < kLutSize; ++key) lut.entry[key] = lut_entry(lut.bounds.data(), key, &ok);
   lut.fast = ok;
+  lut.first_positive = first_positive_code(code);
   return lut;
 }
 

@@ -15,6 +15,7 @@ struct HostLut {
   std::array<float, kCodeSize - 1> bounds;
   std::vector<int32_t> entry;  // kLutSize
   bool fast = false;
+  int32_t first_positive = 0;  // first_positive_code(code): keep_positive's index for this code
 
   QuantLut view() const { return {code.data(), bounds.data(), entry.data(), fast}; }
 };

@@ -21,6 +21,15 @@ def is_dense(t: torch.Tensor) -> bool:
     return bool(check(t))
 
 
+def memory_order(t: torch.Tensor):
+    """The dimensions longer than 1, outermost in memory first (two dense tensors with the same
+    order hold their elements in the same sequence); None when t is not dense."""
+    if not is_dense(t):
+        return None
+    dims = [d for d in range(t.dim()) if t.size(d) > 1]
+    return tuple(sorted(dims, key=lambda d: -t.stride(d)))
+
+
 def num(x: float) -> str:
     """A float as C++ streams print it (%g)."""
     return f"{x:g}"

@@ -36,8 +36,10 @@ def dequantize_fake(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
 
 
 # ---------------------------------------------------------------- references
-def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """Nearest code (ties to the lower index) of each value divided by its block's absmax."""
+def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int, keep_positive: bool = False):
+    """Nearest code (ties to the lower index) of each value divided by its block's absmax. With
+    ``keep_positive`` (the 8-bit Adam step's second moment), a positive value gets at least the
+    code's smallest positive value (csrc/adam8_math.h, keep_positive)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     blocks = -(-n // blocksize)
@@ -47,7 +49,12 @@ def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax = padded.abs().amax(dim=1) if blocks else flat.new_zeros(0)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     bounds = (code[:-1] + code[1:]) / 2
-    q = torch.bucketize(padded * inv[:, None], bounds).to(torch.uint8)
+    normalized = padded * inv[:, None]
+    q = torch.bucketize(normalized, bounds)
+    if keep_positive:
+        first_positive = min(int((code <= 0).sum()), code.numel() - 1)
+        q = torch.where(normalized > 0, q.clamp(min=first_positive), q)
+    q = q.to(torch.uint8)
     return q.reshape(-1)[:n].reshape(x.shape), absmax
 
 

@@ -339,12 +339,15 @@ def test_validation_follows_the_state_spec():
     with pytest.raises(ValueError, match=r"parameter 1 .*expected state keys .*; this optimizer keeps state3, "
                                          r"amsgrad's running maximum"):
         validated_state(opt, no_amsgrad)
-    with pytest.raises(ValueError, match=r"expected state keys .*; the checkpoint holds state3, amsgrad's"):
-        validated_state(Adam8bit(params), sd)
+    # amsgrad's maximum and the history extra for an optimizer without either: loaded as saved (its next
+    # step drops them)
+    state, _ = validated_state(Adam8bit(params), sd)
+    assert {"state3", "gnorm_vec"} <= state[params[1]].keys()
+    # Percentile clipping's history missing or extra: accepted, as a step would make or drop it.
     no_history = copy.deepcopy(sd)
     del no_history["state"][2]["gnorm_vec"]
-    with pytest.raises(ValueError, match=r"parameter 2 .*this optimizer keeps gnorm_vec, the gradient-norm history"):
-        validated_state(opt, no_history)
+    state, _ = validated_state(opt, no_history)
+    assert "gnorm_vec" not in state[params[2]] and "gnorm_vec" in state[params[1]]
     per_tensor = copy.deepcopy(sd)
     per_tensor["state"][1]["absmax3"] = torch.ones(1)
     with pytest.raises(ValueError, match=r"absmax3 must be a float32 tensor of shape \[20\], got torch.float32 \[1\] "

@@ -263,6 +263,24 @@ def test_functional_api_refuses_bad_hyperparameters_before_any_change(fn, key, v
 
 
 # ------------------------------------------------------------ bitsandbytes parity (CPU)
+def test_dynamic_maps_equal_bitsandbytes_for_every_argument_it_accepts():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
+    compared = 0
+    for signed in (True, False):
+        for total_bits in range(2, 9):
+            for max_exponent_bits in range(1, 9):
+                args = (signed, max_exponent_bits, total_bits)
+                try:
+                    theirs = bnb.functional.create_dynamic_map(*args)
+                except AssertionError:  # not 2**total_bits values
+                    with pytest.raises(ValueError, match="instead of"):
+                        torchadam8.create_dynamic_map(*args)
+                    continue
+                assert torch.equal(torchadam8.create_dynamic_map(*args), theirs), args
+                compared += 1
+    assert compared >= 40  # (the default maps among them)
+
+
 @pytest.mark.parametrize("bits", [8, 32])
 def test_parity_with_bitsandbytes_50_steps(bits):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes==0.50.2 is in the test extra")
@@ -470,6 +488,24 @@ def test_no_step_moves_a_parameter_further_than_adam_can(cls, amsgrad):
         assert (p.detach() - before).abs().max().item() <= bound * (1 + 1e-4), f"step {t}"
 
 
+@pytest.mark.parametrize("case", ["steady", "then_zero"])
+def test_element_with_a_gradient_far_below_its_block_never_outpaces_adamw(case):
+    """Its v is below the smallest code of its block: stored as that code, not as 0 (with 0, even
+    under the bound, it stepped sqrt(K) ~ 7 times further than AdamW at every step)."""
+    torch.manual_seed(0)
+    p8, pw = torch.nn.Parameter(torch.zeros(4096)), torch.nn.Parameter(torch.zeros(4096))
+    opt8, optw = Adam8bit([p8], lr=1e-3), torch.optim.AdamW([pw], lr=1e-3, weight_decay=0.0)
+    for t in range(100):
+        g = torch.randn(4096)
+        g[7] = 1e-4 if case == "steady" else (1e-3 if t == 0 else 0.0)
+        if case == "then_zero" and t > 0:
+            g.zero_()
+        p8.grad, pw.grad = g, g.clone()
+        opt8.step()
+        optw.step()
+    assert 0 < -p8[7].item() <= -pw[7].item()
+
+
 @pytest.mark.parametrize("cls", [Adam8bit, Adam32bit])
 def test_backward_through_a_parameter_the_step_changed_is_refused(cls):
     """As with torch.optim: a graph built before the step cannot be backpropagated after it (it
@@ -599,6 +635,47 @@ def test_parameter_moved_to_channels_last_after_the_state_was_made():
     assert_same(before, snapshot(opt8, [*lin.parameters(), *conv8.parameters()]))
 
 
+def test_8bit_state_follows_a_memory_format_change_that_keeps_the_memory_order():
+    """A 1x1 convolution's weight moved to channels_last changes only the strides of its size-1
+    dimensions: its elements stay in the same sequence, so the 8-bit blocks stay valid."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(128, 64, 1, bias=False)
+    twin = copy.deepcopy(conv)
+    opt, opt_twin = Adam8bit(conv.parameters()), Adam8bit(twin.parameters())
+    for t in range(3):
+        if t == 1:
+            conv.to(memory_format=torch.channels_last)
+        conv.weight.grad = torch.randn_like(conv.weight)
+        twin.weight.grad = conv.weight.grad.contiguous()
+        opt.step()
+        opt_twin.step()
+    assert conv.weight.stride() == (128, 1, 128, 128) and conv.weight.stride() != twin.weight.stride()
+    assert torch.equal(conv.weight, twin.weight)
+    for k in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(opt.state[conv.weight][k], opt_twin.state[twin.weight][k]), k
+    assert opt.state[conv.weight]["state1"].stride() == conv.weight.stride()
+
+
+@pytest.mark.parametrize("change", ["dtype", "appended_non_dense"])
+def test_parameter_the_kernels_cannot_update_is_refused_before_any_change(change):
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 2))
+    opt = Adam8bit(model.parameters(), lr=1e-2)
+    params = list(model.parameters())
+    if change == "dtype":  # module.double() after the optimizer was made
+        model[1].double()
+        message = r"parameter 2 of group 0 \(shape \[2, 100\]\) has dtype torch.float64; supported"
+    else:
+        extra = torch.nn.Parameter(torch.randn(10, 20)[:, ::2])
+        opt.param_groups[0]["params"].append(extra)
+        params.append(extra)
+        message = r"parameter 4 of group 0 \(shape \[10, 10\]\) is not dense"
+    set_grads(params)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_same(before, snapshot(opt, params))
+
+
 def test_parameter_replaced_by_one_of_another_shape_is_refused_before_any_change():
     a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20, 30))
     opt = Adam32bit([{"params": [a]}, {"params": [b]}])
@@ -657,6 +734,8 @@ CONSTRUCTION_ERRORS = [
     (dict(is_paged=True, page_out_after_step=1), ValueError, "page_out_after_step must be a bool, got 1"),
     (dict(args=SimpleNamespace(max_unorm=-1.0)), ValueError, "max_unorm must be a finite float >= 0, got -1.0"),
     (dict(args=SimpleNamespace(skip_zeros=1)), ValueError, "skip_zeros must be a bool, got 1"),
+    (dict(args={"optim_bits": 8}), TypeError, "args must be an object with some of the attributes optim_bits"),
+    (dict(args=SimpleNamespace(optim_bit=8)), TypeError, "args must be an object with some of the attributes"),
 ]
 
 
@@ -664,6 +743,18 @@ CONSTRUCTION_ERRORS = [
 def test_bad_constructor_arguments(kwargs, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         Adam(make_params(), **kwargs)
+
+
+def test_per_parameter_option_in_a_param_group_is_refused():
+    # bitsandbytes and torch.optim keep it in the group and ignore it: the state would silently be 8-bit
+    emb, lin = torch.nn.Parameter(torch.randn(100, 64)), torch.nn.Parameter(torch.randn(64, 64))
+    with pytest.raises(ValueError, match=r"Adam8bit: group 0 sets \['optim_bits', 'percentile_clipping'\], which "
+                                         r"are not per-group options: .*override_config"):
+        Adam8bit([{"params": [emb], "optim_bits": 32, "percentile_clipping": 5}, {"params": [lin]}])
+    opt = Adam8bit([lin])
+    with pytest.raises(ValueError, match=r"group 1 sets \['min_8bit_size'\]"):
+        opt.add_param_group({"params": [emb], "min_8bit_size": 0})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("cls", [Adam, Adam8bit, Adam32bit])

@@ -202,6 +202,29 @@ def test_percentile_clipping_history_is_kept_on_device_state():
     torch.testing.assert_close(hist[50], torch.tensor(norms[0]), rtol=1e-5, atol=0)
 
 
+def test_percentile_clipping_turned_off_drops_its_history():
+    """Off, the history goes (so a checkpoint agrees with the options); on again, it starts afresh,
+    full of that step's norm, not with the norms of before (which would clip 100x here)."""
+    args = SimpleNamespace(optim_bits=32, min_8bit_size=4096, percentile_clipping=5, block_wise=True, max_unorm=0.0,
+                           skip_zeros=False)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = Adam([p], args=args)
+    for _ in range(3):
+        p.grad = torch.randn(1000) / 31.6
+        opt.step()
+    args.percentile_clipping = 100
+    p.grad = torch.randn(1000) * 3.16
+    opt.step()
+    assert "gnorm_vec" not in opt.state[p]
+    saved = opt.state_dict()
+    Adam([p], args=SimpleNamespace(**vars(args))).load_state_dict(saved)
+    args.percentile_clipping = 5
+    p.grad = torch.randn(1000) * 3.16
+    opt.step()
+    hist = opt.state[p]["gnorm_vec"]
+    torch.testing.assert_close(hist, torch.full((100,), float(p.grad.square().sum())), rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------ per-parameter overrides
 @pytest.fixture
 def manager():

@@ -11,12 +11,12 @@ number or a one-element tensor; it becomes a float32 scalar). Moments (tensors s
 are copied into ``p``'s device and memory layout, every other tensor onto ``p``'s device.
 
 State of another kind is refused, never converted: 8-bit codes where this optimizer keeps fp32
-moments (or the reverse), the percentile-clipping history ``gnorm_vec`` missing, per-tensor scales
-where per-block ones are expected. (amsgrad's ``state3`` present or missing is accepted: the next
-step makes or drops it, as when amsgrad is switched mid-training.) A conversion would
+moments (or the reverse), per-tensor scales where per-block ones are expected. (amsgrad's
+``state3`` and percentile clipping's history ``gnorm_vec``, present or missing, are accepted: the
+next step makes or drops them, as when the option is switched mid-training.) A conversion would
 quietly quantize or dequantize the moments, or invent a history, and so continue a different
 training run than the one saved; the error says which option to match instead (optim_bits,
-min_8bit_size, amsgrad, percentile_clipping, block_wise). Likewise 8-bit codes saved in another
+min_8bit_size, block_wise). Likewise 8-bit codes saved in another
 memory order than the parameter's are refused: their absmax blocks follow memory order, so the
 codes cannot be moved to the new layout without requantizing them.
 
@@ -52,11 +52,13 @@ from typing import Any
 
 import torch
 
-from ops_registry.checks import is_dense
+from ops_registry.checks import memory_order
 
 from .functional import check_hyperparameters
 from .paged import paged_zeros_like
 from .qmap import dynamic_maps
+
+GNORM_SPEC = (torch.float32, (100,))  # percentile clipping's history: 100 squared norms
 
 BLOCK = 256
 
@@ -190,6 +192,13 @@ def _state_as(opt, p: torch.Tensor, saved: Any, spec: dict, where: str, from_bnb
         raise ValueError(_kind_mismatch(where, saved_bits, bits == 8))
     if from_bnb:
         saved = _drop_bnb_extras(saved, spec, where)
+    # Percentile clipping's history present or missing, whatever the options: the next step drops
+    # it or makes it afresh, as when the option is switched mid-training (kept as saved until then,
+    # so what the optimizer saves it loads).
+    if "gnorm_vec" in saved and "gnorm_vec" not in spec:
+        spec = {**spec, "gnorm_vec": GNORM_SPEC}
+    elif "gnorm_vec" in spec and "gnorm_vec" not in saved:
+        spec = {k: v for k, v in spec.items() if k != "gnorm_vec"}
     if saved.keys() != spec.keys():
         raise ValueError(_keys_mismatch(where, sorted(spec), sorted(saved, key=str)))
     out = {"step": _step(saved["step"], p, where)}
@@ -277,7 +286,7 @@ def _check_block_order(spec: dict, key: str, t: torch.Tensor, p: torch.Tensor, w
     if t.dtype != torch.uint8 or not key.startswith("state"):
         return
     scales = spec.get("absmax" + key[len("state"):])
-    if scales is None or math.prod(scales[1]) <= 1 or _memory_order(t) == _memory_order(p):
+    if scales is None or math.prod(scales[1]) <= 1 or memory_order(t) == memory_order(p):
         return
     raise ValueError(
         f"{where}: {key} holds 8-bit codes with strides {list(t.stride())} but the parameter has strides "
@@ -285,14 +294,6 @@ def _check_block_order(spec: dict, key: str, t: torch.Tensor, p: torch.Tensor, w
         "another layout without requantizing them (refused); give the parameter the checkpoint's memory "
         "layout before loading"
     )
-
-
-def _memory_order(t: torch.Tensor):
-    """The dimensions longer than 1, outermost in memory first; None when t is not dense."""
-    if not is_dense(t):
-        return None
-    dims = [d for d in range(t.dim()) if t.size(d) > 1]
-    return tuple(sorted(dims, key=lambda d: -t.stride(d)))
 
 
 def _bits_of_dtype(dtype: torch.dtype) -> int | None:

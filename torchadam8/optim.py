@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -9,10 +10,10 @@ import torch
 
 from . import functional as F
 from .functional import check_hyperparameters
-from .checkpoint import validated_state
+from .checkpoint import GNORM_SPEC, validated_state
 from .overrides import GlobalOptimManager, _validated
 from .paged import PAGED_MIN_NUMEL, PagedTensor, paged_zeros_like, unwrap
-from ops_registry.checks import is_dense
+from ops_registry.checks import is_dense, memory_order
 
 from .qmap import dynamic_maps
 
@@ -23,6 +24,18 @@ BLOCK = 256  # values per absmax of the 8-bit states (csrc/adam8_math.h: kStateB
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
 # Per-group hyperparameters a per-parameter override may pin.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+
+
+def _check_param(p: torch.Tensor, where: str) -> None:
+    """Refuses a parameter the kernels cannot update (at add_param_group, and at a step for one
+    that was appended to a group's list or changed since)."""
+    if p.is_complex():
+        raise ValueError(f"{where} is complex; view it as real with torch.view_as_real")
+    if p.dtype not in PARAM_DTYPES:
+        raise ValueError(f"{where} has dtype {p.dtype}; supported: float32, float16, bfloat16")
+    if p.is_sparse or not is_dense(p):
+        raise ValueError(f"{where} is not dense (strides {list(p.stride())}); "
+                         "the kernels update it in place and need contiguous memory")
 
 
 class _Batch:
@@ -84,14 +97,16 @@ class Adam(torch.optim.Optimizer):
     Arguments are bitsandbytes' (``bitsandbytes.optim.Adam``), defaults included:
 
     - ``lr``, ``betas``, ``eps``: as torch.optim.Adam. ``lr`` may be a float or a scalar tensor;
-      either way the kernels read it from a tensor, so changing it never recompiles a compiled step.
+      either way the kernels read it from a tensor, so a compiled step does not bake it in: a tensor
+      lr never recompiles, a float one once, at its first change (README, Usage).
     - ``weight_decay``: *decoupled*, as bitsandbytes applies it: ``p <- p * (1 - lr * wd)`` before
       the Adam update, exactly torch.optim.AdamW (not the L2 penalty of torch.optim.Adam).
     - ``optim_bits``: 32 (fp32 moments) or 8 (uint8 moments: the signed dynamic map for the first,
       the unsigned one for the second, one fp32 absmax per 256 values; the update uses the new
-      unquantized moments, only the stored ones are quantized; the new second moment is kept at
-      or above m^2 / K, the bound exact Adam keeps, K = (1-b1)^2 / ((1-b2)(1 - b1^2/b2)): without
-      it, a v rounded to code 0 beside a nonzero m would step by about lr * m / eps).
+      unquantized moments, only the stored ones are quantized; a positive second moment is stored
+      as at least the smallest positive code, and the new one is kept at or above m^2 / K, the
+      bound exact Adam keeps, K = (1-b1)^2 / ((1-b2)(1 - b1^2/b2)): a v rounded to code 0 beside a
+      nonzero m would step by about lr * m / eps).
     - ``min_8bit_size``: parameters with fewer elements keep fp32 moments.
     - ``amsgrad``: keep the running maximum of the second moment (a third state, 8-bit like the
       others for 8-bit parameters) and use it in the denominator, as torch.optim.AdamW(amsgrad=True).
@@ -169,6 +184,9 @@ class Adam(torch.optim.Optimizer):
             skip_zeros=False,
         )
         name = type(self).__name__
+        if isinstance(args, Mapping) or (args is not None and not any(hasattr(args, k) for k in ARGS_KEYS)):
+            raise TypeError(f"{name}: args must be an object with some of the attributes {', '.join(ARGS_KEYS)} "
+                            f"(as bitsandbytes reads them; e.g. a SimpleNamespace), got {args!r}")
         values = {k: getattr(args, k, given[k]) for k in ARGS_KEYS}
         if self._fixed_bits is not None:
             _validated({"optim_bits": optim_bits}, f"{name} (optim_bits is ignored: it always keeps "
@@ -241,14 +259,12 @@ class Adam(torch.optim.Optimizer):
             if seen.setdefault(id(p), i) != i:  # the kernels would update its memory twice at once
                 raise ValueError(f"{name}: parameter {i} of group {index} is parameter {seen[id(p)]} again; "
                                  "list each parameter once")
-            where = f"{name}: parameter {i} of group {index} (shape {list(p.shape)})"
-            if p.is_complex():
-                raise ValueError(f"{where} is complex; view it as real with torch.view_as_real")
-            if p.dtype not in PARAM_DTYPES:
-                raise ValueError(f"{where} has dtype {p.dtype}; supported: float32, float16, bfloat16")
-            if p.is_sparse or not is_dense(p):
-                raise ValueError(f"{where} is not dense (strides {list(p.stride())}); "
-                                 "the kernels update it in place and need contiguous memory")
+            _check_param(p, f"{name}: parameter {i} of group {index} (shape {list(p.shape)})")
+        misplaced = [k for k in ARGS_KEYS if k in param_group]
+        if misplaced:  # torch.optim and bitsandbytes would keep them in the group and ignore them
+            raise ValueError(f"{name}: group {index} sets {misplaced}, which are not per-group options: give them "
+                             "to the constructor (or its args) for every parameter, or per parameter with "
+                             "GlobalOptimManager.get_instance().override_config")
         group = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **group}
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"],
@@ -323,7 +339,7 @@ class Adam(torch.optim.Optimizer):
             for k in keys:
                 spec[f"state{k}"] = (torch.float32, shape)
         if config["percentile_clipping"] < 100:
-            spec["gnorm_vec"] = (torch.float32, (100,))
+            spec["gnorm_vec"] = GNORM_SPEC
         return spec
 
     def _init_state(self, p: torch.Tensor, config: dict[str, Any]) -> None:
@@ -375,11 +391,15 @@ class Adam(torch.optim.Optimizer):
         for paged in self._paged_states().values():
             torch.ops.adam8.page_out(paged)
 
+    def _where(self, p: torch.Tensor, gindex: int, pindex: int) -> str:
+        return f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+
     def _follow_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
         """A parameter changed since its state was made (its data replaced, or moved to another memory
         format): fp32 moments follow it to its new layout, as torch.optim's would; anything else is
-        refused before any group steps (8-bit codes cannot move: their blocks follow memory order)."""
-        where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+        refused before any group steps (8-bit codes cannot move to another memory order: their blocks
+        follow it; strides that change only for dimensions of size 1 keep the order)."""
+        where = self._where(p, gindex, pindex)
         first = state["state1"]
         if first.shape != p.shape or first.device != p.device:
             raise ValueError(f"{where}: its state was made for a {list(first.shape)} parameter on {first.device}; "
@@ -387,18 +407,22 @@ class Adam(torch.optim.Optimizer):
                              "new optimizer")
         if p.numel() <= 1:
             return
-        if first.dtype == torch.uint8:
+        _check_param(p, where)
+        if first.dtype == torch.uint8 and memory_order(first) != memory_order(p):
             raise ValueError(f"{where} now has strides {list(p.stride())} but its 8-bit state has strides "
                              f"{list(first.stride())}: the state's absmax blocks follow the old memory order, so "
                              "it cannot follow without requantizing (refused); restore the parameter's memory format")
         for k in ("state1", "state2", "state3"):
             if k in state:
-                state[k] = (paged_zeros_like(p, torch.float32) if self._pages(p, k) else
-                            torch.empty_like(p, dtype=torch.float32)).copy_(state[k])
+                dtype = state[k].dtype  # (8-bit codes: the same memory order, so the same blocks)
+                state[k] = (paged_zeros_like(p, dtype) if self._pages(p, k) else
+                            torch.empty_like(p, dtype=dtype)).copy_(state[k])
 
     def _grad_error(self, p: torch.Tensor, g: torch.Tensor, gindex: int, pindex: int) -> Exception:
         """The error naming the parameter, for a gradient g that _init_group found unusable."""
-        where = f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+        where = self._where(p, gindex, pindex)
+        if p.dtype not in PARAM_DTYPES:  # changed since (module.double(), p.data = ...)
+            _check_param(p, where)
         if g.is_sparse:
             return RuntimeError(f"{where} has a sparse gradient; Adam does not support sparse gradients, "
                                 "use torch.optim.SparseAdam instead")
@@ -425,13 +449,17 @@ class Adam(torch.optim.Optimizer):
             for gi, g in enumerate(self.param_groups):
                 for pi, p in enumerate(g["params"]):
                     grad = p.grad
-                    if grad is not None and (grad.dtype != p.dtype or grad.shape != p.shape or grad.is_sparse
-                                             or grad.device != p.device):
+                    if grad is None:
+                        continue
+                    dtype = p.dtype
+                    if (grad.dtype != dtype or dtype not in PARAM_DTYPES or grad.shape != p.shape or grad.is_sparse
+                            or grad.device != p.device):
                         raise self._grad_error(p, grad, gi, pi)
-                    if grad is not None:
-                        moment = self.state.get(p, {}).get("state1")  # (all moments share its layout)
-                        if moment is not None and (moment.shape != p.shape or moment.stride() != p.stride()):
-                            self._follow_layout(p, self.state[p], gi, pi)
+                    moment = self.state.get(p, {}).get("state1")  # (all moments share its layout)
+                    if moment is None:  # its first step: appended to the list since, or changed
+                        _check_param(p, self._where(p, gi, pi))
+                    elif moment.shape != p.shape or moment.stride() != p.stride():
+                        self._follow_layout(p, self.state[p], gi, pi)
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides(gi)[gi]
         group_config = self._group_config(gi)
@@ -446,6 +474,10 @@ class Adam(torch.optim.Optimizer):
             if state and config["amsgrad"] != ("state3" in state):  # amsgrad switched since the state was made
                 # (also for a parameter skipped this step, so a checkpoint's states agree with its groups)
                 self._switch_amsgrad(p, state, config["amsgrad"])
+            if state and config["percentile_clipping"] >= 100 and "gnorm_vec" in state:
+                # clipping turned off: its history goes (turned on again, it starts afresh; a checkpoint
+                # agrees with the options)
+                del state["gnorm_vec"]
             if grad is None:
                 continue
             if not state:

@@ -28,7 +28,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
             values.extend((-scale * mids).tolist())
 
     for e in range(max_exponent_bits):
-        add_decade(2 ** (e + value_bits - max_exponent_bits + (0 if signed else 1)), 10.0 ** (e - max_exponent_bits + 1))
+        # (truncated: with more exponent bits than value bits, the first decades hold no values)
+        count = int(2 ** (e + value_bits - max_exponent_bits + (0 if signed else 1)) + 1) - 1
+        add_decade(count, 10.0 ** (e - max_exponent_bits + 1))
     # With fewer exponent bits than value bits, the all-zero exponent adds a linear region.
     extra = 2 ** (value_bits - max_exponent_bits) - 1
     if extra > 0:

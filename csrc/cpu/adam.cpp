@@ -154,6 +154,7 @@ void adam32_stats(const Span32<kAmsgrad, T>& x, int64_t n, const AdamScalars& s_
 // ---------------------------------------------------------------- 8-bit states
 struct Codes {
   QuantLut m, v;  // signed code of the first moment, unsigned code of the second (and of its max)
+  int32_t v_first_positive;  // keep_positive's index for the second moment's code
 };
 
 // One block of at most kStateBlock values of one tensor: codes, their scales before the step, and
@@ -254,8 +255,8 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
     requant = new_scale;
   }
   quantize_run(x.m, b.n, inv_absmax(requant[0]), b.q[0], c.m);
-  quantize_run(x.v, b.n, inv_absmax(requant[1]), b.q[1], c.v);
-  if (kAmsgrad) quantize_run(x.vm, b.n, inv_absmax(requant[2]), b.q[2], c.v);
+  quantize_run(x.v, b.n, inv_absmax(requant[1]), b.q[1], c.v, c.v_first_positive);
+  if (kAmsgrad) quantize_run(x.vm, b.n, inv_absmax(requant[2]), b.q[2], c.v, c.v_first_positive);
 }
 
 }  // namespace
@@ -305,7 +306,7 @@ void adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList s
   auto scalars = advance_steps(steps, lr, betas, gnorm_scales, eps, weight_decay);
   const auto lut1 = cached_lut(qmap1.contiguous().data_ptr<float>());
   const auto lut2 = cached_lut(qmap2.contiguous().data_ptr<float>());
-  const Codes codes{lut1->view(), lut2->view()};
+  const Codes codes{lut1->view(), lut2->view(), lut2->first_positive};
   const auto tasks = split_tasks(params, kTaskElems);  // kTaskElems is a multiple of kStateBlock
   const bool amsgrad = !state3.empty();
   dispatch_bool(amsgrad, [&](auto amsgrad_tag) {

@@ -16,10 +16,15 @@ inline void lookup_codes(const uint8_t* q, int64_t n, const float* code, float* 
   for (int64_t i = 0; i < n; ++i) out[i] = code[q[i]];
 }
 
-// out[i] = index of the code nearest to x[i] * inv; x is scratch and is overwritten.
-inline void quantize_run(float* x, int64_t n, float inv, uint8_t* out, const QuantLut& lut) {
+// out[i] = index of the code nearest to x[i] * inv, or first_positive where that is larger and
+// x[i] > 0 (keep_positive: the second moment's rule; 0 for none); x is scratch and is overwritten.
+inline void quantize_run(float* x, int64_t n, float inv, uint8_t* out, const QuantLut& lut,
+                         int32_t first_positive = 0) {
   if (!lut.fast) {
-    for (int64_t i = 0; i < n; ++i) store_code(out + i, code_index_search(x[i] * inv, lut.bounds));
+    for (int64_t i = 0; i < n; ++i) {
+      const float xn = x[i] * inv;
+      store_code(out + i, keep_positive<float, int32_t>(code_index_search(xn, lut.bounds), xn, first_positive));
+    }
     return;
   }
   alignas(64) int32_t entry[kMaxRun];
@@ -38,9 +43,13 @@ inline void quantize_run(float* x, int64_t n, float inv, uint8_t* out, const Qua
   const int32_t* table = lut.entry;
   for (i = 0; i < n; ++i) entry[i] = table[entry[i]];  // the table reads
   for (i = 0; i + W <= n; i += W) {
-    store_code(out + i, lut_resolve<Wide, WI>(Lane<Wide>::load(x + i), load_ints(entry + i, static_cast<Wide*>(nullptr))));
+    const Wide xn = Lane<Wide>::load(x + i);
+    const WI index = lut_resolve<Wide, WI>(xn, load_ints(entry + i, static_cast<Wide*>(nullptr)));
+    store_code(out + i, keep_positive<Wide, WI>(index, xn, first_positive));
   }
-  for (; i < n; ++i) store_code(out + i, lut_resolve<float, int32_t>(x[i], entry[i]));
+  for (; i < n; ++i) {
+    store_code(out + i, keep_positive<float, int32_t>(lut_resolve<float, int32_t>(x[i], entry[i]), x[i], first_positive));
+  }
 }
 
 // out[i] = code[q[i]] * absmax, rounded to T.

@@ -52,6 +52,9 @@ inline VecF mand(VecF a, VecF b) { return _mm256_and_ps(a.v, b.v); }
 inline VecF vselect(VecF mask, VecF a, VecF b) { return _mm256_blendv_ps(b.v, a.v, mask.v); }
 inline VecI bits_of(VecF x) { return _mm256_castps_si256(x.v); }
 inline VecI gt_as_int(VecI a, VecI b) { return _mm256_srli_epi32(_mm256_cmpgt_epi32(a.v, b.v), 31); }
+inline VecI positive_as_int(VecF x) {
+  return _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_GT_OQ)), 31);
+}
 inline VecF gather(const float* table, VecI i) { return _mm256_i32gather_ps(table, i.v, 4); }
 inline VecI gather(const int32_t* table, VecI i) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), i.v, 4);

@@ -270,7 +270,7 @@ __device__ __forceinline__ int32_t quantize_one(float x, const QuantLut& lut) {
 template <bool kAmsgrad, class T>
 __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t start, int valid,
                                                const AdamScalars& s, bool skip_zeros, const StepStats* tensor_scales,
-                                               const QuantLut& lut1, const QuantLut& lut2) {
+                                               const QuantLut& lut1, const QuantLut& lut2, int32_t v_first_positive) {
   const bool block_wise = tensor_scales == nullptr;
   Lanes8<kAmsgrad, T> x;
   x.load(pack, t, start, valid, block_wise, lut1, lut2);
@@ -302,8 +302,9 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     x.c1[j] = quantize_one(x.m[j] * inv1, lut1);
-    x.c2[j] = quantize_one(x.v[j] * inv2, lut2);
-    if (kAmsgrad) x.c3[j] = quantize_one(x.vm[j] * inv3, lut2);
+    const float v = x.v[j] * inv2, vm = x.vm[j] * inv3;
+    x.c2[j] = keep_positive<float, int32_t>(quantize_one(v, lut2), v, v_first_positive);
+    if (kAmsgrad) x.c3[j] = keep_positive<float, int32_t>(quantize_one(vm, lut2), vm, v_first_positive);
   }
   store_lanes(static_cast<T*>(pack.ptr[0][t]) + x.offset, valid, x.vec, x.p);
   store_codes(static_cast<uint8_t*>(pack.ptr[2][t]) + x.offset, valid, x.vec, x.c1);
@@ -330,6 +331,7 @@ __global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS)
   QuantLut view[2];
   load_shared(sh, code1, code2, luts, view);
   const QuantLut lut1 = view[0], lut2 = view[1];
+  const int32_t v_first_positive = first_positive_code(lut2.code);  // (shared memory, after load_shared's sync)
   const int32_t chunks = pack.first_block[pack.count];
   for (int32_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int t = pack_tensor(pack, chunk);
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS)
     const int valid = lanes_of(pack, t, chunk, &start);
     if (pack.numel[t] > start - (threadIdx.x % 32) * kPerThread) {  // the warp's state block exists
       adam8bit_lanes<kAmsgrad, T>(pack, t, start, valid, scalars[t], skip_zeros,
-                                  stats == nullptr ? nullptr : stats + t, lut1, lut2);
+                                  stats == nullptr ? nullptr : stats + t, lut1, lut2, v_first_positive);
     }
   }
 }
