@@ -415,8 +415,9 @@ def _scale_magnitudes(sample, i: int) -> dict[str, torch.Tensor]:
             q = a[at["state" + k]][i]
             old[k] = dequantize_reference(_flat(q), a[at["absmax" + k]][i], code, block, torch.float64).abs()
     scale = _grad_scales(a[at["gnorm_scales"]], len(a[0]))[i]
-    g = _flat(a[1][i]).double() * scale
-    g = torch.where(g.isfinite(), g, 0.0).abs()
+    raw = _flat(a[1][i])
+    g32 = raw.float() * torch.tensor(scale, dtype=torch.float32, device=raw.device)
+    g = torch.where((g32 * g32).isfinite(), raw.double() * scale, 0.0).abs()  # _adam_fp64's skipped elements
     terms = {"1": b1 * old["1"] + (1 - b1) * g}
     r = b1 * b1 / b2 if b2 > 0 else math.inf
     floor = (1 - b2) * (1 - r) / (1 - b1) ** 2 if r < 1 else 0.0

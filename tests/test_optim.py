@@ -635,13 +635,16 @@ def test_parameter_moved_to_channels_last_after_the_state_was_made():
     assert_same(before, snapshot(opt8, [*lin.parameters(), *conv8.parameters()]))
 
 
-def test_8bit_state_follows_a_memory_format_change_that_keeps_the_memory_order():
+@pytest.mark.parametrize("case", ["1x1_conv", "one_scale"])
+def test_8bit_state_follows_a_memory_format_change_it_survives(case):
     """A 1x1 convolution's weight moved to channels_last changes only the strides of its size-1
-    dimensions: its elements stay in the same sequence, so the 8-bit blocks stay valid."""
+    dimensions: its elements stay in the same sequence, so the 8-bit blocks stay valid. With one
+    scale per tensor, the codes do not depend on the order at all."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(128, 64, 1, bias=False)
+    conv = torch.nn.Conv2d(128, 64, 1, bias=False) if case == "1x1_conv" else torch.nn.Conv2d(8, 16, 3, bias=False)
     twin = copy.deepcopy(conv)
-    opt, opt_twin = Adam8bit(conv.parameters()), Adam8bit(twin.parameters())
+    kwargs = {} if case == "1x1_conv" else dict(block_wise=False, min_8bit_size=256)
+    opt, opt_twin = Adam8bit(conv.parameters(), **kwargs), Adam8bit(twin.parameters(), **kwargs)
     for t in range(3):
         if t == 1:
             conv.to(memory_format=torch.channels_last)
@@ -649,8 +652,8 @@ def test_8bit_state_follows_a_memory_format_change_that_keeps_the_memory_order()
         twin.weight.grad = conv.weight.grad.contiguous()
         opt.step()
         opt_twin.step()
-    assert conv.weight.stride() == (128, 1, 128, 128) and conv.weight.stride() != twin.weight.stride()
-    assert torch.equal(conv.weight, twin.weight)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.stride() != twin.weight.stride() and torch.equal(conv.weight, twin.weight)
     for k in ("state1", "state2", "absmax1", "absmax2"):
         assert torch.equal(opt.state[conv.weight][k], opt_twin.state[twin.weight][k]), k
     assert opt.state[conv.weight]["state1"].stride() == conv.weight.stride()
@@ -743,6 +746,20 @@ CONSTRUCTION_ERRORS = [
 def test_bad_constructor_arguments(kwargs, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         Adam(make_params(), **kwargs)
+
+
+def test_args_mapping_with_attribute_access_is_accepted():
+    """bitsandbytes reads args' attributes: a config object that is also a mapping (OmegaConf's
+    DictConfig, EasyDict) works there, so it works here."""
+    class AttrDict(dict):
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    opt = Adam(make_params(((5000,),)), args=AttrDict(optim_bits=8, percentile_clipping=5))
+    assert opt.args.optim_bits == 8 and opt.args.percentile_clipping == 5 and opt.args.min_8bit_size == 4096
 
 
 def test_per_parameter_option_in_a_param_group_is_refused():

@@ -68,7 +68,6 @@ _BNB_GROUP_KEYS = ("alpha", "t_alpha", "t_beta3")
 _BNB_REFUSED = ("max1", "max2", "new_max1", "new_max2")
 _KIND_HINTS = {
     "state3": "amsgrad's running maximum (amsgrad=True)",
-    "gnorm_vec": "the gradient-norm history of percentile clipping (percentile_clipping < 100)",
 }
 
 
@@ -153,14 +152,15 @@ def is_bitsandbytes_state_dict(state_dict: dict[str, Any]) -> bool:
 def _param_state(opt, p: torch.Tensor, saved: Any, where: str, from_bnb: bool,
                  config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The state of `p` from its saved state: exactly the keys of ``opt._state_spec(p, config)``
-    (`config`: the options p will step with), each with that dtype and shape, copied onto p's device (moments into p's layout); else ValueError.
+    (`config`: the options p will step with), each with that dtype and shape, copied onto p's
+    device (moments into p's layout); else ValueError.
 
-    A saved state of another kind (8-bit vs 32-bit, with or without a percentile history,
-    per-block vs per-tensor scales) is refused, not converted: converting would quantize,
-    dequantize or make up state, so training would not continue as saved. `from_bnb` first turns
-    bitsandbytes' layout into ours (see the module docstring). Two exceptions, layouts the optimizer
-    itself steps on from: amsgrad's maximum present or missing against the options (the next step
-    makes or drops it: a state dict saved between switching amsgrad and that step holds the old
+    A saved state of another kind (8-bit vs 32-bit, per-block vs per-tensor scales) is refused, not
+    converted: converting would quantize, dequantize or make up state, so training would not
+    continue as saved. `from_bnb` first turns bitsandbytes' layout into ours (see the module
+    docstring). Three exceptions, layouts the optimizer itself steps on from: amsgrad's maximum and
+    percentile clipping's history present or missing against the options (the next step makes or
+    drops them: a state dict saved between switching the option and that step holds the old
     layout), and, when options changed after p's state was made, that state's own layout."""
     spec = opt._state_spec(p, config)
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -184,7 +183,7 @@ class Adam(torch.optim.Optimizer):
             skip_zeros=False,
         )
         name = type(self).__name__
-        if isinstance(args, Mapping) or (args is not None and not any(hasattr(args, k) for k in ARGS_KEYS)):
+        if args is not None and not any(hasattr(args, k) for k in ARGS_KEYS):  # (a dict, a typo)
             raise TypeError(f"{name}: args must be an object with some of the attributes {', '.join(ARGS_KEYS)} "
                             f"(as bitsandbytes reads them; e.g. a SimpleNamespace), got {args!r}")
         values = {k: getattr(args, k, given[k]) for k in ARGS_KEYS}
@@ -397,8 +396,9 @@ class Adam(torch.optim.Optimizer):
     def _follow_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
         """A parameter changed since its state was made (its data replaced, or moved to another memory
         format): fp32 moments follow it to its new layout, as torch.optim's would; anything else is
-        refused before any group steps (8-bit codes cannot move to another memory order: their blocks
-        follow it; strides that change only for dimensions of size 1 keep the order)."""
+        refused before any group steps (8-bit codes under several scales cannot move to another memory
+        order: their blocks follow it; strides that change only for dimensions of size 1 keep the
+        order)."""
         where = self._where(p, gindex, pindex)
         first = state["state1"]
         if first.shape != p.shape or first.device != p.device:
@@ -408,7 +408,7 @@ class Adam(torch.optim.Optimizer):
         if p.numel() <= 1:
             return
         _check_param(p, where)
-        if first.dtype == torch.uint8 and memory_order(first) != memory_order(p):
+        if first.dtype == torch.uint8 and state["absmax1"].numel() > 1 and memory_order(first) != memory_order(p):
             raise ValueError(f"{where} now has strides {list(p.stride())} but its 8-bit state has strides "
                              f"{list(first.stride())}: the state's absmax blocks follow the old memory order, so "
                              "it cannot follow without requantizing (refused); restore the parameter's memory format")
