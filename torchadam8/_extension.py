@@ -105,8 +105,8 @@ def _compiler_with_shared_libstdcxx() -> str | None:
     if system is None or not _links_libstdcxx_shared(system):
         raise RuntimeError(f"torchadam8: CXX={cxx} links libstdc++ statically and no `c++` on PATH links it "
                            "shared; set CXX to a compiler that links the libstdc++.so torch loads")
-    print(f"torchadam8: CXX={cxx} links libstdc++ statically; building with {system} instead (and the system cc "
-          "as nvcc's host compiler)", file=sys.stderr)
+    also = " (and $CC, nvcc's host compiler, with the system cc)" if os.environ.get("CC") else ""
+    print(f"torchadam8: CXX={cxx} links libstdc++ statically; building with {system} instead{also}", file=sys.stderr)
     return system
 
 
