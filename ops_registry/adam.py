@@ -62,6 +62,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
+def _scaled_gradient(g, grad_scale):
+    """g * grad_scale in float64, and where it is usable: finite, with a float32 square that is too."""
+    g32 = g.float() * torch.tensor(grad_scale, dtype=torch.float32, device=g.device)
+    return g.double() * grad_scale, (g32 * g32).isfinite()
+
+
+def _v_floor(beta1, beta2):
+    """1 / K of the moment bound of quantized states (csrc/adam8_math.h); 0 when b1^2 >= b2."""
+    r = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+    return (1 - beta2) * (1 - r) / (1 - beta1) ** 2 if r < 1 else 0.0
+
+
 def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_scale, max_unorm, skip_zeros,
                quantized=False):
     """One step in float64 on flat tensors, written from the options' descriptions: returns new
@@ -75,17 +87,15 @@ def _adam_fp64(p, g, m, v, vm, step, lr, beta1, beta2, eps, weight_decay, grad_s
     m^2 / K, K = (1 - beta1)^2 / ((1 - beta2) (1 - beta1^2 / beta2)) when beta1^2 < beta2, the
     bound exact Adam keeps and quantization can break (csrc/adam8_math.h says how).
     """
-    g32 = g.float() * torch.tensor(grad_scale, dtype=torch.float32, device=g.device)
-    finite = (g32 * g32).isfinite()
-    g = g.double() * grad_scale
+    g, finite = _scaled_gradient(g, grad_scale)
     m, v, p = m.double(), v.double(), p.double()
     update = finite & (g != 0) if skip_zeros else finite
     g = torch.where(finite, g, 0.0)
     m_new = beta1 * m + (1 - beta1) * g
     v_new = beta2 * v + (1 - beta2) * g * g
-    r = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
-    if quantized and r < 1:
-        v_new = torch.maximum(v_new, m_new * m_new * ((1 - beta2) * (1 - r) / (1 - beta1) ** 2))
+    floor = _v_floor(beta1, beta2) if quantized else 0.0
+    if floor > 0:
+        v_new = torch.maximum(v_new, m_new * m_new * floor)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     if vm is not None:
         vm = torch.where(update, torch.maximum(vm.double(), v_new), vm.double())
@@ -415,13 +425,10 @@ def _scale_magnitudes(sample, i: int) -> dict[str, torch.Tensor]:
             q = a[at["state" + k]][i]
             old[k] = dequantize_reference(_flat(q), a[at["absmax" + k]][i], code, block, torch.float64).abs()
     scale = _grad_scales(a[at["gnorm_scales"]], len(a[0]))[i]
-    raw = _flat(a[1][i])
-    g32 = raw.float() * torch.tensor(scale, dtype=torch.float32, device=raw.device)
-    g = torch.where((g32 * g32).isfinite(), raw.double() * scale, 0.0).abs()  # _adam_fp64's skipped elements
+    g, finite = _scaled_gradient(_flat(a[1][i]), scale)
+    g = torch.where(finite, g, 0.0).abs()  # (_adam_fp64 skips the others)
     terms = {"1": b1 * old["1"] + (1 - b1) * g}
-    r = b1 * b1 / b2 if b2 > 0 else math.inf
-    floor = (1 - b2) * (1 - r) / (1 - b1) ** 2 if r < 1 else 0.0
-    terms["2"] = b2 * old["2"] + (1 - b2) * g * g + terms["1"] ** 2 * floor
+    terms["2"] = b2 * old["2"] + (1 - b2) * g * g + terms["1"] ** 2 * _v_floor(b1, b2)
     if "3" in old:
         terms["3"] = torch.maximum(old["3"], terms["2"])
     n = g.numel()

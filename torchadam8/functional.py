@@ -144,14 +144,6 @@ def adam(
     step counts included, where nonzero; ``max_unorm`` and ``skip_zeros`` are bitsandbytes' options.
     Bad hyperparameters raise ValueError (a tensor lr or beta is not read: no sync)."""
     check_hyperparameters(lr, (beta1, beta2), eps, weight_decay, "torchadam8.functional.adam", read_tensors=False)
-    _adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-          weight_decay=weight_decay, max_exp_avg_sqs=max_exp_avg_sqs, gnorm_scales=gnorm_scales, found_inf=found_inf,
-          max_unorm=max_unorm, skip_zeros=skip_zeros)
-
-
-def _adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, max_exp_avg_sqs=(),
-          gnorm_scales=None, found_inf=None, max_unorm=0.0, skip_zeros=False) -> None:
-    """adam without the hyperparameter checks (the optimizer classes check every group first)."""
     if not params:
         return
     device = params[0].device
@@ -192,15 +184,6 @@ def adam8bit(
     amsgrad's running maximum of the second moment (unsigned code); ``found_inf`` as in :func:`adam`."""
     check_hyperparameters(lr, (beta1, beta2), eps, weight_decay, "torchadam8.functional.adam8bit",
                           read_tensors=False)
-    _adam8bit(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, lr=lr, beta1=beta1, beta2=beta2,
-              eps=eps, weight_decay=weight_decay, state3=state3, absmax3=absmax3, gnorm_scales=gnorm_scales,
-              found_inf=found_inf, max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise)
-
-
-def _adam8bit(params, grads, state1, state2, steps, absmax1, absmax2, qmap1, qmap2, *, lr, beta1, beta2, eps,
-              weight_decay, state3=(), absmax3=(), gnorm_scales=None, found_inf=None, max_unorm=0.0, skip_zeros=False,
-              block_wise=True) -> None:
-    """adam8bit without the hyperparameter checks."""
     if not params:
         return
     device = params[0].device

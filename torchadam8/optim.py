@@ -258,7 +258,7 @@ class Adam(torch.optim.Optimizer):
             if seen.setdefault(id(p), i) != i:  # the kernels would update its memory twice at once
                 raise ValueError(f"{name}: parameter {i} of group {index} is parameter {seen[id(p)]} again; "
                                  "list each parameter once")
-            _check_param(p, f"{name}: parameter {i} of group {index} (shape {list(p.shape)})")
+            _check_param(p, self._where(p, index, i))
         misplaced = [k for k in ARGS_KEYS if k in param_group]
         if misplaced:  # torch.optim and bitsandbytes would keep them in the group and ignore them
             raise ValueError(f"{name}: group {index} sets {misplaced}, which are not per-group options: give them "
@@ -569,10 +569,10 @@ class Adam(torch.optim.Optimizer):
         if paged:
             torch.ops.adam8.prefetch(paged)
         if eight_bit:
-            F._adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2, *self._qmap(device),
+            F.adam8bit(b.params, b.grads, b.state1, b.state2, b.steps, b.absmax1, b.absmax2, *self._qmap(device),
                        state3=b.state3, absmax3=b.absmax3, block_wise=block_wise, **options)
         else:
-            F._adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
+            F.adam(b.params, b.grads, b.state1, b.state2, b.steps, max_exp_avg_sqs=b.state3, **options)
         if paged and self._page_out_after_step:
             torch.ops.adam8.page_out(paged)
 
