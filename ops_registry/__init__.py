@@ -3,7 +3,8 @@
 Each entry (an :class:`OpInfo`) holds the op's schema, a one-line doc, its fake implementation, a
 plain PyTorch reference and its sample inputs. ``define_ops()`` defines the schemas and fakes;
 ``import torchadam8`` calls it and then loads the C++/CUDA kernels, which only implement. The
-tests iterate over ``OPS``; adding an op means adding an entry here plus its kernels.
+tests iterate over ``OPS``; adding an op means adding an entry here plus its kernels (and, for an
+op that mutates, its name in csrc/versions.cpp).
 """
 
 from __future__ import annotations
@@ -41,28 +42,7 @@ def define_ops() -> None:
     for info in OPS:
         lib.define(info.name + info.schema)
         torch.library.register_fake(info.qualname, info.fake, lib=lib)
-        _bump_versions_of_mutated(lib, info.name)
     _library = lib
-
-
-def _bump_versions_of_mutated(lib: torch.library.Library, name: str) -> None:
-    """Registers the op's ADInplaceOrView kernel: it bumps the version counter of every tensor the
-    op mutates, as ATen's in-place ops do, so autograd refuses a backward through a parameter the
-    step has changed since the forward read it (instead of silently using the new values)."""
-    op = getattr(getattr(torch.ops, NAMESPACE), name).default
-    mutated = [(i, a.name) for i, a in enumerate(op._schema.arguments) if a.alias_info and a.alias_info.is_write]
-    if not mutated:
-        return
-    below = torch._C._after_ADInplaceOrView_keyset
-
-    def kernel(keyset, *args, **kwargs):
-        for i, arg_name in mutated:
-            value = args[i] if i < len(args) else kwargs.get(arg_name)
-            if value is not None:
-                torch.autograd.graph.increment_version(value)
-        return op.redispatch(keyset & below, *args, **kwargs)
-
-    lib.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def get(name: str) -> OpInfo:

@@ -915,3 +915,53 @@ def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how,
         manager.initialize()
     for p, q in zip(params, twins):
         assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_gradient_strided_unlike_its_parameter(cls):
+    """A gradient whose strides differ from its parameter's (a transposed view, as some backward
+    kernels produce) updates the same elements as a contiguous one, whether it comes at the first
+    step or after the state exists (then only the C++ scan of the step notices it)."""
+    params = make_params(((64, 80), (3, 5), (1, 7)))
+    twins = copies(params)
+    opt, twin = cls(params, lr=1e-2), cls(twins, lr=1e-2)
+    for i in range(4):
+        set_twin_grads(params, twins)
+        if i in (0, 2, 3):
+            for p in params:
+                p.grad = p.grad.t().contiguous().t()  # the same values, column-major
+            assert params[0].grad.stride() != params[0].stride()
+        opt.step()
+        twin.step()
+        for p, q in zip(params, twins):
+            assert torch.equal(p, q)
+
+
+def test_scan_params_flags_what_the_step_checks_in_python():
+    """The C++ scan of a step sends a parameter to the Python checks (which raise, make state or
+    move it to a new layout) in every case they handle, and only then."""
+    scan = torchadam8._extension.host().scan_params
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    good_grad, good_moment = torch.randn(4, 6), torch.zeros(4, 6)
+    unusual = {
+        "gradient dtype": (p, good_grad.double(), good_moment),
+        "gradient shape": (p, torch.randn(6, 4), good_moment),
+        "sparse gradient": (p, good_grad.to_sparse(), good_moment),
+        "parameter dtype": (torch.randn(4, 6, dtype=torch.float64), good_grad.double(), good_moment),
+        "no state yet": (p, good_grad, None),
+        "moment shape": (p, good_grad, torch.zeros(24)),
+        "moment strides": (p, good_grad, torch.zeros(6, 4).t()),
+    }
+    for what, (param, grad, moment) in unusual.items():
+        params, grads, moments = [p, param, p], [good_grad, grad, good_grad], [good_moment, moment, good_moment]
+        assert scan(params, grads, moments) == (1, False), what
+    # usual: no gradient (whatever the rest), one element with other strides, a gradient strided
+    # unlike its parameter (reported), bf16 and fp16 parameters
+    one = torch.randn(1, 1)
+    assert scan([p, one], [None, one.clone()], [None, torch.zeros(1, 1).as_strided((1, 1), (5, 3))]) == (-1, False)
+    assert scan([p], [torch.randn(6, 4).t()], [good_moment]) == (-1, True)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = p.detach().to(dtype)
+        assert scan([half], [good_grad.to(dtype)], [good_moment]) == (-1, False)
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        scan([p], [], [])

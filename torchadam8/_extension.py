@@ -21,6 +21,7 @@ import torch
 
 NAME = "adam8_kernels"
 _loaded: str | None = None
+_module = None  # the library imported as a Python module: csrc/host.cpp's functions
 
 
 def source_dir() -> Path:
@@ -112,7 +113,7 @@ def _compiler_with_shared_libstdcxx() -> str | None:
 
 def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
     """Compiles the kernels if needed and loads them; returns the library's path."""
-    global _loaded
+    global _loaded, _module
     if _loaded is not None:
         return _loaded
     from torch.utils import cpp_extension
@@ -142,7 +143,7 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
         if saved["CC"] is not None and system_cc is not None:
             os.environ["CC"] = system_cc
     try:
-        cpp_extension.load(
+        _module = cpp_extension.load(
             name=NAME,
             sources=[str(s) for s in _sources(with_cuda)],
             extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
@@ -153,7 +154,7 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,  # (importing it registers the kernels, as load_library would)
             verbose=verbose,
         )
     finally:
@@ -166,3 +167,9 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
         print(f"torchadam8: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     _loaded = str(library)
     return _loaded
+
+
+def host():
+    """The kernel library's Python functions (csrc/host.cpp), loading it first if needed."""
+    load()
+    return _module

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from . import _extension
 from . import functional as F
 from .functional import check_hyperparameters
 from .checkpoint import GNORM_SPEC, validated_state
@@ -47,22 +49,23 @@ class _Batch:
         for name in self.__slots__:
             setattr(self, name, [])
 
-    def add(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
-        # One batch holds one state kind, so the optional entries are present for all or none.
-        self.params.append(p)
-        self.grads.append(g)
-        self.steps.append(state["step"])
-        self.state1.append(state["state1"])
-        self.state2.append(state["state2"])
-        if "state3" in state:
-            self.state3.append(state["state3"])
-        if "absmax1" in state:
-            self.absmax1.append(state["absmax1"])
-            self.absmax2.append(state["absmax2"])
-            if "absmax3" in state:
-                self.absmax3.append(state["absmax3"])
-        if "gnorm_vec" in state:
-            self.gnorm_vecs.append(state["gnorm_vec"])
+
+def _moments(states: list[dict | None]) -> list[torch.Tensor | None]:
+    """Each state's first moment (all moments share its layout), None where there is none yet."""
+    return [state.get("state1") if state else None for state in states]
+
+
+def _batch_lists(members: list[tuple], eight_bit: bool, amsgrad: bool, clipping: bool) -> list[list]:
+    """The argument lists of one op call, in _Batch's order, from its (parameter, gradient, state)
+    triples; the optional lists are empty where the batch's state kind has no such entry."""
+    states = [state for _, _, state in members]
+
+    def entries(name: str, present: bool = True) -> list:
+        return [state[name] for state in states] if present else []
+
+    return [[p for p, _, _ in members], [g for _, g, _ in members], entries("state1"), entries("state2"),
+            entries("state3", amsgrad), entries("step"), entries("absmax1", eight_bit), entries("absmax2", eight_bit),
+            entries("absmax3", eight_bit and amsgrad), entries("gnorm_vec", clipping)]
 
 
 class _AmpState:
@@ -302,7 +305,7 @@ class Adam(torch.optim.Optimizer):
 
         def stale(gi):
             params = groups[gi]["params"]
-            return len(cached[gi]) != len(params) or any(a is not b for a, b in zip(cached[gi], params))
+            return len(cached[gi]) != len(params) or not all(map(operator.is_, cached[gi], params))
 
         if self._overrides_version != self._manager.version or len(cached) != len(groups) or any(
             stale(gi) for gi in (range(len(groups)) if gindex is None else (gindex,))
@@ -433,6 +436,38 @@ class Adam(torch.optim.Optimizer):
         return ValueError(f"{where} is on {p.device} but its gradient is on {g.device}")
 
     # ------------------------------------------------------------ step
+    def _check_params(self) -> list[tuple[list, list]]:
+        """Checks every group's gradients and states before a step changes anything (a bad one
+        anywhere stops it); returns each group's gradients and states (dicts, or None), read once.
+        One C++ scan of every parameter; the checks below, which name the parameter, run only when
+        it finds something unusual: an error, a parameter without state, a state to move to its
+        parameter's new layout."""
+        gathered = [self._gathered(g["params"]) for g in self.param_groups]
+        scan = _extension.host().scan_params
+        if all(scan(g["params"], grads, _moments(states))[0] < 0 for g, (grads, states) in zip(self.param_groups,
+                                                                                                  gathered)):
+            return gathered
+        states = self.state
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                dtype = p.dtype
+                if (grad.dtype != dtype or dtype not in PARAM_DTYPES or grad.shape != p.shape or grad.is_sparse
+                        or grad.device != p.device):
+                    raise self._grad_error(p, grad, gi, pi)
+                moment = states.get(p, {}).get("state1")  # (all moments share its layout)
+                if moment is None:  # its first step: appended to the list since, or changed
+                    _check_param(p, self._where(p, gi, pi))
+                elif moment.shape != p.shape or moment.stride() != p.stride():
+                    self._follow_layout(p, states[p], gi, pi)
+        return gathered
+
+    def _gathered(self, params: list[torch.Tensor]) -> tuple[list, list]:
+        """The gradients of `params` and their states (None where a parameter has none yet)."""
+        return [p.grad for p in params], [self.state.get(p) for p in params]
+
     def _init_group(self, group: dict[str, Any], tensors: list, check_all: bool) -> tuple:
         """The per-parameter work of a step for one group, done in plain Python: checks the
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
@@ -446,31 +481,20 @@ class Adam(torch.optim.Optimizer):
         args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if check_all:
             _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")  # may have changed since
-            for gi, g in enumerate(self.param_groups):
-                for pi, p in enumerate(g["params"]):
-                    grad = p.grad
-                    if grad is None:
-                        continue
-                    dtype = p.dtype
-                    if (grad.dtype != dtype or dtype not in PARAM_DTYPES or grad.shape != p.shape or grad.is_sparse
-                            or grad.device != p.device):
-                        raise self._grad_error(p, grad, gi, pi)
-                    moment = self.state.get(p, {}).get("state1")  # (all moments share its layout)
-                    if moment is None:  # its first step: appended to the list since, or changed
-                        _check_param(p, self._where(p, gi, pi))
-                    elif moment.shape != p.shape or moment.stride() != p.stride():
-                        self._follow_layout(p, self.state[p], gi, pi)
+            gathered = self._check_params()
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides(gi)[gi]
         group_config = self._group_config(gi)
         # The batch key's options, for parameters without overrides (most): the same for the group.
         group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())
-        batches: dict[tuple, tuple[_Batch, list[int]]] = {}
-        for pi, p in enumerate(group["params"]):
-            grad = p.grad
+        params, all_states = group["params"], self.state
+        grads, states = gathered[gi] if check_all else self._gathered(params)
+        unusual, any_strided = _extension.host().scan_params(params, grads, _moments(states))
+        check_strides = any_strided or unusual >= 0  # (a scan that stopped early did not see every gradient)
+        batches: dict[tuple, tuple[list, list[int]]] = {}
+        for pi, (p, grad, state) in enumerate(zip(params, grads, states)):
             over = overrides[pi]
             config = {**group_config, **over} if over else group_config
-            state = self.state[p] if grad is not None or p in self.state else None
             if state and config["amsgrad"] != ("state3" in state):  # amsgrad switched since the state was made
                 # (also for a parameter skipped this step, so a checkpoint's states agree with its groups)
                 self._switch_amsgrad(p, state, config["amsgrad"])
@@ -482,6 +506,7 @@ class Adam(torch.optim.Optimizer):
                 continue
             if not state:
                 self._init_state(p, config)
+                state = all_states[p]
             if over:
                 # The group's hyperparameters are common to a batch (and left out of the key, to be read
                 # by the traced step: a float lr here would be a constant); overridden ones are pinned.
@@ -493,20 +518,20 @@ class Adam(torch.optim.Optimizer):
                 # Negative: unrecorded, so the op fills every slot with this step's norm, taken after
                 # GradScaler's unscaling and over finite elements, as at step 1.
                 state["gnorm_vec"] = torch.full((100,), -1.0, device=p.device)
-            eight_bit = state["state1"].dtype == torch.uint8
+            eight_bit = state["state1"].dtype is torch.uint8
             # The state's layout decides (a later override cannot reshape it).
             block_wise = not eight_bit or state["absmax1"].numel() != 1 or 0 < p.numel() <= BLOCK
             key = (p.device, eight_bit, "state3" in state, block_wise, *options)
             entry = batches.get(key)
             if entry is None:
-                entry = batches[key] = (_Batch(), [])
-            batch, strided = entry
-            if grad.stride() != p.stride() and p.numel() > 1:
-                strided.append(len(batch.params))  # copied to p's layout by the step: the kernels walk both alike
-            batch.add(p, grad, state)
+                entry = batches[key] = ([], [])
+            members, strided = entry
+            if check_strides and grad.stride() != p.stride() and p.numel() > 1:
+                strided.append(len(members))  # copied to p's layout by the step: the kernels walk both alike
+            members.append((p, grad, state))
         layout = []
-        for key, (batch, strided) in batches.items():
-            lists = [getattr(batch, name) for name in _Batch.__slots__]
+        for key, (members, strided) in batches.items():
+            lists = _batch_lists(members, eight_bit=key[1], amsgrad=key[2], clipping=key[4] < 100)
             for values in lists:
                 tensors.extend(values)
             layout.append((key, tuple(len(values) for values in lists), tuple(strided)))
