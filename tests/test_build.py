@@ -1,6 +1,7 @@
-"""The build's choice of C++ compiler: a compiler that links libstdc++ statically (the GPU image's
+"""The build's choices. The C++ compiler: one that links libstdc++ statically (the GPU image's
 CXX=/opt/gcc/bin/g++ does) gives a kernel library whose number formatting crashes or prints
-nothing, so the build replaces it with the system `c++`."""
+nothing, so the build replaces it with the system `c++`. The Python module: built only where
+Python's headers are installed."""
 
 import shutil
 import stat
@@ -33,3 +34,11 @@ def test_shared_libstdcxx_compiler_is_kept(tmp_path, monkeypatch):
     assert _extension._compiler_with_shared_libstdcxx() is None
     monkeypatch.delenv("CXX")
     assert _extension._compiler_with_shared_libstdcxx() is None
+
+
+def test_library_has_its_python_module_only_where_python_headers_are_installed(monkeypatch):
+    names = lambda: [s.name for s in _extension._sources(with_cuda=False)]  # noqa: E731
+    monkeypatch.setattr(_extension, "python_headers", lambda: False)
+    assert "host.cpp" not in names() and "versions.cpp" in names()
+    monkeypatch.setattr(_extension, "python_headers", lambda: True)
+    assert "host.cpp" in names()

@@ -806,6 +806,14 @@ def test_parameters_listed_twice_not_tensors_or_in_a_set_are_refused():
         Adam8bit([{"params": {p, q}}])
 
 
+@pytest.fixture(params=["C++ scan", "Python checks"])
+def scan(request, monkeypatch):
+    """Both ways a step checks its parameters: the library's C++ scan, and the Python checks alone
+    (the library built without Python headers has no scan)."""
+    if request.param == "Python checks":
+        monkeypatch.setattr(torchadam8._extension, "host", lambda: None)
+
+
 def _grad_breakers():
     def sparse(p):
         p.grad = torch.randn(5000).to_sparse()
@@ -825,7 +833,7 @@ def _grad_breakers():
 
 @pytest.mark.parametrize("breaker,error,regex", _grad_breakers(), ids=lambda x: getattr(x, "__name__", ""))
 @pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
-def test_bad_gradients_raise_and_change_nothing(cls, breaker, error, regex):
+def test_bad_gradients_raise_and_change_nothing(cls, breaker, error, regex, scan):
     params, opt = _trained(cls)
     set_grads(params)
     breaker(params[0])
@@ -918,7 +926,7 @@ def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how,
 
 
 @pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
-def test_gradient_strided_unlike_its_parameter(cls):
+def test_gradient_strided_unlike_its_parameter(cls, scan):
     """A gradient whose strides differ from its parameter's (a transposed view, as some backward
     kernels produce) updates the same elements as a contiguous one, whether it comes at the first
     step or after the state exists (then only the C++ scan of the step notices it)."""

@@ -12,6 +12,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 
 NAME = "adam8_kernels"
 _loaded: str | None = None
-_module = None  # the library imported as a Python module: csrc/host.cpp's functions
+_module = None  # the library imported as a Python module: csrc/host.cpp's functions (or None)
 
 
 def source_dir() -> Path:
@@ -61,9 +62,18 @@ def build_dir(with_cuda: bool) -> Path:
     return root / tag.replace("+", "_")
 
 
+def python_headers() -> bool:
+    """Whether this Python's headers are installed (Debian's python3 needs python3-dev): without
+    them the library is built without its Python module, csrc/host.cpp, and the optimizers check a
+    step's parameters in Python instead (slower, the same results)."""
+    return (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+
+
 def _sources(with_cuda: bool) -> list[Path]:
     src = source_dir()
     files = sorted(src.glob("*.cpp")) + sorted(src.glob("cpu/*.cpp"))
+    if not python_headers():
+        files.remove(src / "host.cpp")
     if with_cuda:
         files += sorted(src.glob("cuda/*.cu")) + sorted(src.glob("cuda/*.cpp"))
     return files
@@ -143,7 +153,8 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
         if saved["CC"] is not None and system_cc is not None:
             os.environ["CC"] = system_cc
     try:
-        _module = cpp_extension.load(
+        module = python_headers()
+        loaded = cpp_extension.load(
             name=NAME,
             sources=[str(s) for s in _sources(with_cuda)],
             extra_cflags=cflags + (["-DADAM8_WITH_CUDA"] if with_cuda else []),
@@ -154,7 +165,7 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             with_cuda=with_cuda,
-            is_python_module=True,  # (importing it registers the kernels, as load_library would)
+            is_python_module=module,  # (importing it registers the kernels, as load_library does)
             verbose=verbose,
         )
     finally:
@@ -165,11 +176,13 @@ def load(verbose: bool = os.environ.get("TORCHADAM8_VERBOSE") == "1") -> str:
                 os.environ[k] = v
     if building:
         print(f"torchadam8: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    _module = loaded if module else None
     _loaded = str(library)
     return _loaded
 
 
 def host():
-    """The kernel library's Python functions (csrc/host.cpp), loading it first if needed."""
+    """The kernel library's Python functions (csrc/host.cpp), loading it first if needed; None
+    where it was built without them (no Python headers)."""
     load()
     return _module

@@ -50,9 +50,15 @@ class _Batch:
             setattr(self, name, [])
 
 
-def _moments(states: list[dict | None]) -> list[torch.Tensor | None]:
-    """Each state's first moment (all moments share its layout), None where there is none yet."""
-    return [state.get("state1") if state else None for state in states]
+def _scan(params: list[torch.Tensor], grads: list, states: list[dict | None]) -> tuple[int, bool]:
+    """The C++ scan of a step's parameters (csrc/host.cpp): the index of the first one with a
+    gradient that needs the Python checks (-1 if none), and whether any gradient is strided unlike
+    its parameter. Without the library's Python module: (0, True), i.e. check everything."""
+    host = _extension.host()
+    if host is None:
+        return 0, True
+    # (each state's first moment: all moments share its layout)
+    return host.scan_params(params, grads, [state.get("state1") if state else None for state in states])
 
 
 def _batch_lists(members: list[tuple], eight_bit: bool, amsgrad: bool, clipping: bool) -> list[list]:
@@ -443,9 +449,7 @@ class Adam(torch.optim.Optimizer):
         it finds something unusual: an error, a parameter without state, a state to move to its
         parameter's new layout."""
         gathered = [self._gathered(g["params"]) for g in self.param_groups]
-        scan = _extension.host().scan_params
-        if all(scan(g["params"], grads, _moments(states))[0] < 0 for g, (grads, states) in zip(self.param_groups,
-                                                                                                  gathered)):
+        if all(_scan(g["params"], grads, states)[0] < 0 for g, (grads, states) in zip(self.param_groups, gathered)):
             return gathered
         states = self.state
         for gi, g in enumerate(self.param_groups):
@@ -489,7 +493,7 @@ class Adam(torch.optim.Optimizer):
         group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())
         params, all_states = group["params"], self.state
         grads, states = gathered[gi] if check_all else self._gathered(params)
-        unusual, any_strided = _extension.host().scan_params(params, grads, _moments(states))
+        unusual, any_strided = _scan(params, grads, states)
         check_strides = any_strided or unusual >= 0  # (a scan that stopped early did not see every gradient)
         batches: dict[tuple, tuple[list, list[int]]] = {}
         for pi, (p, grad, state) in enumerate(zip(params, grads, states)):
