@@ -66,9 +66,12 @@ stage "benchmark, paged states (managed memory), with and without page-out"
 timeout 50 python3 -m torchadam8.bench --device cuda --paged --sets gpt2-medium --dtypes fp32 --steps 10 \
   --peers torchadam8,fused 2>&1 | tee "$out/bench_paged.log" | grep -v "^|" | tail -3
 
+stage "eager host work per step (292 tiny CUDA tensors, interleaved with fused Adam)"
+timeout 40 python3 benchmarks/host_overhead.py --device cuda --rounds 20 2>&1 | tee "$out/host.log" | tail -4
+
 stage "summary"
 echo "tests: $(tail -1 "$out/tests.log") (rc $tests_rc); error inputs: $(tail -1 "$out/tests_errors.log") (rc $errors_rc)"
-cat "$out/bench.log" "$out/bench_graph.log" "$out/bench_paged.log" 2>/dev/null | grep -E "^(#|\|)" | grep -vE "^\|---|^## " || echo "no benchmark table"
+cat "$out/bench.log" "$out/bench_graph.log" "$out/bench_paged.log" "$out/host.log" 2>/dev/null | grep -E "^(#|\|)" | grep -vE "^\|---|^## " || echo "no benchmark table"
 fi
 
 # Kernel tuning, after the summary and only while there is time left (SECONDS: since the script
