@@ -166,3 +166,35 @@ def test_compiled_step_graph_takes_only_the_gradients_as_copied_inputs(cls, opti
 
     torch.compile(opt.step, backend=backend, fullgraph=True)()
     assert sorted(copied) == sorted(tuple(p.shape) for p in params)
+
+
+@pytest.mark.parametrize("cls,op", [(Adam8bit, "adam8bit_step"), (Adam32bit, "adam_step")], ids=["8bit", "32bit"])
+def test_compiled_step_calls_the_op_per_128_parameters_and_equals_eager(cls, op):
+    """A compiled step splits a batch into op calls of at most COMPILED_CALL_PARAMS parameters (the
+    cost of Inductor's passes grows with the square of a call's tensor count); the parameters are
+    those of eager steps, which make one call, bit for bit."""
+    from torchadam8.optim import COMPILED_CALL_PARAMS
+
+    n = 2 * COMPILED_CALL_PARAMS + 44
+    params = [torch.nn.Parameter(torch.randn(5 + i % 7)) for i in range(n)]
+    twin = copies(params)
+    opt, twin_opt = cls(params, min_8bit_size=1), cls(twin, min_8bit_size=1)
+    set_twin_grads(params, twin)
+    opt.step()
+    twin_opt.step()
+    calls = []
+
+    def backend(gm, example_inputs):
+        packet = getattr(torch.ops.adam8, op)
+        calls.append(sum(node.target in (packet, packet.default) for node in gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(opt.step, fullgraph=True, backend=backend)
+    for _ in range(3):
+        set_twin_grads(params, twin)
+        compiled()
+        twin_opt.step()
+    assert calls == [3]
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
