@@ -20,6 +20,9 @@ from torchadam8 import Adam, Adam8bit, Adam32bit, GlobalOptimManager, PagedAdam,
 from conftest import copies, set_grads, set_twin_grads, step_both, through_torch_save
 
 CLASSES = [Adam, Adam8bit, Adam32bit]
+# Tests of the C++ scan of a step (csrc/host.cpp), which a library built without Python headers lacks
+needs_scan = pytest.mark.skipif(torchadam8._extension.host() is None, reason="the kernel library was built "
+                                "without its Python module (no Python headers): steps use the Python checks alone")
 SEED_SIGNATURE = (
     "(params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0, amsgrad=False, optim_bits=32, "
     "args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False)"
@@ -946,8 +949,7 @@ def test_gradient_strided_unlike_its_parameter(cls, scan):
             assert torch.equal(p, q)
 
 
-@pytest.mark.skipif(torchadam8._extension.host() is None, reason="the kernel library was built without its "
-                    "Python module (no Python headers): steps use the Python checks alone")
+@needs_scan
 def test_scan_params_flags_what_the_step_checks_in_python():
     """The C++ scan of a step sends a parameter to the Python checks (which raise, make state or
     move it to a new layout) in every case they handle, and only then."""
@@ -978,8 +980,7 @@ def test_scan_params_flags_what_the_step_checks_in_python():
         scan([p], [], [])
 
 
-@pytest.mark.skipif(torchadam8._extension.host() is None, reason="the kernel library was built without its "
-                    "Python module (no Python headers): steps use the Python checks alone")
+@needs_scan
 @pytest.mark.parametrize("cls,min_8bit_size,c_calls", [(Adam8bit, 1, 8), (Adam32bit, 4096, 6)],
                          ids=["8-bit states", "32-bit states"])
 def test_a_steady_step_makes_few_python_calls_per_parameter(cls, min_8bit_size, c_calls):
