@@ -496,7 +496,7 @@ class Adam(torch.optim.Optimizer):
         """The per-parameter work of a step for one group, done in plain Python: checks the
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
         anything changes), makes missing state, and sorts the parameters into batches (one op call
-        each). Appends each batch's tensors to ``tensors`` and returns the values of ``self.args``
+        each; in a compiled step, one per COMPILED_CALL_PARAMS of a batch). Appends each batch's tensors to ``tensors`` and returns the values of ``self.args``
         it used (checked with ``check_all``) and the batches' layout, constants. torch.compile runs
         this method eagerly, at trace time, instead of tracing it (torch._dynamo's OptimizerVariable
         does so for any optimizer's ``_init_group``), guards on what it read, and marks the state
