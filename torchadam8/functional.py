@@ -1,9 +1,9 @@
 """Functional Adam over lists of tensors: what the optimizer classes call for each batch of
 parameters. Each call runs one adam8 op (one kernel launch per pack of tensors on CUDA), so a
-compiled step traces to a few ops (the classes call it per 128 parameters there). As with torch's foreach
-ops, a tensor appears at most once across a call's lists: the kernels update them all at once, so
-a tensor given twice (a parameter, a state, a step count) is not updated twice (the optimizer
-classes refuse repeated parameters)."""
+compiled step traces to a few ops (the classes call it per 128 parameters there). As with torch's
+foreach ops, a tensor appears at most once across a call's lists: the kernels update them all at
+once, so a tensor given twice (a parameter, a state, a step count) is not updated twice (the
+optimizer classes refuse repeated parameters)."""
 
 from __future__ import annotations
 

@@ -464,12 +464,12 @@ class Adam(torch.optim.Optimizer):
     # ------------------------------------------------------------ step
     def _check_params(self) -> list[tuple[list, list]]:
         """Checks every group's gradients and states before a step changes anything (a bad one
-        anywhere stops it); returns each group's gradients and states (dicts, or None), read once.
+        anywhere stops it); returns each group's _gathered (gradients, states and their scan).
         One C++ scan of every parameter; the checks below, which name the parameter, run only when
         it finds something unusual: an error, a parameter without state, a state to move to its
         parameter's new layout."""
         gathered = [self._gathered(g["params"]) for g in self.param_groups]
-        if all(_scan(g["params"], grads, states)[0] < 0 for g, (grads, states) in zip(self.param_groups, gathered)):
+        if all(unusual < 0 for _, _, (unusual, _) in gathered):
             return gathered
         states = self.state
         for gi, g in enumerate(self.param_groups):
@@ -486,18 +486,21 @@ class Adam(torch.optim.Optimizer):
                     _check_param(p, self._where(p, gi, pi))
                 elif moment.shape != p.shape or moment.stride() != p.stride():
                     self._follow_layout(p, states[p], gi, pi)
-        return gathered
+        return [self._gathered(g["params"]) for g in self.param_groups]  # (states may have moved)
 
-    def _gathered(self, params: list[torch.Tensor]) -> tuple[list, list]:
-        """The gradients of `params` and their states (None where a parameter has none yet)."""
-        return [p.grad for p in params], [self.state.get(p) for p in params]
+    def _gathered(self, params: list[torch.Tensor]) -> tuple[list, list, tuple[int, bool]]:
+        """The gradients of `params`, their states (None where a parameter has none yet) and the
+        scan of both (_scan)."""
+        grads, states = [p.grad for p in params], [self.state.get(p) for p in params]
+        return grads, states, _scan(params, grads, states)
 
     def _init_group(self, group: dict[str, Any], tensors: list, check_all: bool) -> tuple:
         """The per-parameter work of a step for one group, done in plain Python: checks the
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
         anything changes), makes missing state, and sorts the parameters into batches (one op call
-        each; in a compiled step, one per COMPILED_CALL_PARAMS of a batch). Appends each batch's tensors to ``tensors`` and returns the values of ``self.args``
-        it used (checked with ``check_all``) and the batches' layout, constants. torch.compile runs
+        each; in a compiled step, one per COMPILED_CALL_PARAMS of a batch). Appends each batch's
+        tensors to ``tensors`` and returns the values of ``self.args`` it used (checked with
+        ``check_all``) and the batches' layout, constants. torch.compile runs
         this method eagerly, at trace time, instead of tracing it (torch._dynamo's OptimizerVariable
         does so for any optimizer's ``_init_group``), guards on what it read, and marks the state
         tensors static for CUDA graphs: the traced step holds only the ops, and compiles in a
@@ -512,8 +515,7 @@ class Adam(torch.optim.Optimizer):
         # The batch key's options, for parameters without overrides (most): the same for the group.
         group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())
         params, all_states = group["params"], self.state
-        grads, states = gathered[gi] if check_all else self._gathered(params)
-        unusual, any_strided = _scan(params, grads, states)
+        grads, states, (unusual, any_strided) = gathered[gi] if check_all else self._gathered(params)
         check_strides = any_strided or unusual >= 0  # (a scan that stopped early did not see every gradient)
         batches: dict[tuple, tuple[list, list[int]]] = {}
         for pi, (p, grad, state) in enumerate(zip(params, grads, states)):
