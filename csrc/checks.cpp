@@ -120,8 +120,6 @@ void check_blocksize(const char* op, int64_t blocksize) {
 
 // ---------------------------------------------------------------- per-op checks
 
-constexpr std::array<at::ScalarType, 3> kParamDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
-
 // The checks every Adam op runs on params, grads, its per-parameter states and its scalars.
 // `states` name the per-parameter lists after grads, each with the dtype it must have.
 struct StateList {

@@ -5,9 +5,14 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+
 #include "adam8_math.h"
 
 namespace adam8 {
+
+// The dtypes of parameters (and of their gradients) the Adam ops take.
+constexpr std::array<at::ScalarType, 3> kParamDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
 
 void check_quantize_blockwise(const at::Tensor& x, const at::Tensor& code, int64_t blocksize);
 

@@ -4,10 +4,14 @@
 // of every parameter, where Python spent about 2 us per parameter on a dozen attribute reads.
 #include <torch/extension.h>
 
+#include <algorithm>
+
+#include "checks.h"
+
 namespace {
 
 bool is_param_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  return std::find(adam8::kParamDtypes.begin(), adam8::kParamDtypes.end(), t) != adam8::kParamDtypes.end();
 }
 
 // Whether parameter p steps on the fast path: a dense gradient like p (dtype, shape, device), p of a
