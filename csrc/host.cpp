@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
+#include <vector>
 
 #include "checks.h"
 
@@ -50,9 +52,107 @@ std::tuple<int64_t, bool> scan_params(const py::list& params, const py::list& gr
   return {-1, strided};
 }
 
+// The state keys read by batch_group, interned once.
+struct StateKeys {
+  PyObject *state1, *state2, *state3, *step, *absmax1, *absmax2, *absmax3, *gnorm_vec;
+};
+const StateKeys& state_keys() {
+  static const StateKeys keys{PyUnicode_InternFromString("state1"),  PyUnicode_InternFromString("state2"),
+                              PyUnicode_InternFromString("state3"),  PyUnicode_InternFromString("step"),
+                              PyUnicode_InternFromString("absmax1"), PyUnicode_InternFromString("absmax2"),
+                              PyUnicode_InternFromString("absmax3"), PyUnicode_InternFromString("gnorm_vec")};
+  return keys;
+}
+
+// Appends state[key] to `list`; false where the state has no such entry.
+bool append_entry(PyObject* list, PyObject* state, PyObject* key) {
+  PyObject* value = PyDict_GetItem(state, key);  // borrowed
+  return value != nullptr && PyList_Append(list, value) == 0;
+}
+
+// One op call's argument lists (params, grads, state1, state2, state3, step, absmax1, absmax2,
+// absmax3, gnorm_vec; the optional ones empty where absent) and the batch indices of gradients
+// strided unlike their parameter, for parameters of one state kind on one device.
+struct Batch {
+  Batch(bool eight_bit, bool block_wise, at::Device device)
+      : eight_bit(eight_bit), block_wise(block_wise), device(device) {}
+  bool eight_bit, block_wise;
+  at::Device device;
+  std::array<py::list, 10> lists;
+  py::list strided;
+};
+
+// The batching of a group's step (optim.py's _init_group, fast path), for parallel lists (a
+// parameter, its .grad or None, its state dict or None) of a group without per-parameter overrides
+// whose parameters the scan found usual: one (lists, eight_bit, block_wise, strided) per batch, in
+// the order of their first parameters. None when anything needs the Python loop: a state of
+// another kind than the group's options make (amsgrad or clipping switched since it was made), a
+// missing entry, a parameter with a gradient and no state.
+py::object batch_group(const py::list& params, const py::list& grads, const py::list& states, bool amsgrad,
+                       bool clipping) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  TORCH_CHECK(PyList_GET_SIZE(grads.ptr()) == n && PyList_GET_SIZE(states.ptr()) == n,
+              "batch_group: the three lists must have one entry per parameter");
+  const StateKeys& k = state_keys();
+  std::vector<Batch> batches;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* state = PyList_GET_ITEM(states.ptr(), i);
+    if (state != Py_None && !PyDict_Check(state)) return py::none();
+    const bool has_state = state != Py_None && PyDict_GET_SIZE(state) > 0;
+    // (also for a parameter without a gradient: the Python loop switches its state too)
+    if (has_state && ((PyDict_GetItem(state, k.state3) != nullptr) != amsgrad ||
+                      (PyDict_GetItem(state, k.gnorm_vec) != nullptr) != clipping)) {
+      return py::none();
+    }
+    PyObject* grad = PyList_GET_ITEM(grads.ptr(), i);
+    if (grad == Py_None) continue;
+    PyObject* param = PyList_GET_ITEM(params.ptr(), i);
+    PyObject* state1 = has_state ? PyDict_GetItem(state, k.state1) : nullptr;
+    if (state1 == nullptr || !THPVariable_Check(state1) || !THPVariable_Check(param) || !THPVariable_Check(grad)) {
+      return py::none();
+    }
+    const at::Tensor& p = THPVariable_Unpack(param);
+    const bool eight = THPVariable_Unpack(state1).scalar_type() == at::kByte;
+    bool blocks = true;  // as _init_group: the state's layout decides
+    if (eight) {
+      PyObject* absmax1 = PyDict_GetItem(state, k.absmax1);
+      if (absmax1 == nullptr || !THPVariable_Check(absmax1)) return py::none();
+      blocks = THPVariable_Unpack(absmax1).numel() != 1 || (p.numel() > 0 && p.numel() <= adam8::kStateBlock);
+    }
+    auto b = std::find_if(batches.begin(), batches.end(), [&](const Batch& b) {
+      return b.eight_bit == eight && b.block_wise == blocks && b.device == p.device();
+    });
+    if (b == batches.end()) b = batches.emplace(batches.end(), eight, blocks, p.device());
+    auto& lists = b->lists;
+    const Py_ssize_t index = PyList_GET_SIZE(lists[0].ptr());
+    const bool ok = PyList_Append(lists[0].ptr(), param) == 0 && PyList_Append(lists[1].ptr(), grad) == 0 &&
+                    PyList_Append(lists[2].ptr(), state1) == 0 && append_entry(lists[3].ptr(), state, k.state2) &&
+                    (!amsgrad || append_entry(lists[4].ptr(), state, k.state3)) &&
+                    append_entry(lists[5].ptr(), state, k.step) &&
+                    (!eight || (append_entry(lists[6].ptr(), state, k.absmax1) &&
+                                append_entry(lists[7].ptr(), state, k.absmax2) &&
+                                (!amsgrad || append_entry(lists[8].ptr(), state, k.absmax3)))) &&
+                    (!clipping || append_entry(lists[9].ptr(), state, k.gnorm_vec));
+    if (!ok) {
+      PyErr_Clear();
+      return py::none();
+    }
+    if (p.numel() > 1 && THPVariable_Unpack(grad).strides() != p.strides()) b->strided.append(index);
+  }
+  py::list out;
+  for (const Batch& b : batches) {
+    py::tuple lists(b.lists.size());
+    for (size_t i = 0; i < b.lists.size(); ++i) lists[i] = b.lists[i];
+    out.append(py::make_tuple(lists, b.eight_bit, b.block_wise, b.strided));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_params", &scan_params, py::arg("params"), py::arg("grads"), py::arg("moments"),
         "(first unusual index or -1, any gradient strided unlike its parameter)");
+  m.def("batch_group", &batch_group, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("amsgrad"),
+        py::arg("clipping"), "[(lists, eight_bit, block_wise, strided) of each op call of a group] or None");
 }

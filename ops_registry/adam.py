@@ -199,7 +199,11 @@ def _params(shapes, dtypes, device, transposed, options):
             flat[random.randrange(g.numel())] = float("nan")
             flat[random.randrange(g.numel())] = random.choice((float("inf"), float("-inf")))
             flat[random.randrange(g.numel())] = random.choice((1e20, -3e19))  # finite; its square is not
-    steps = [torch.tensor(float(random.randint(0, 300)), device=device) for _ in params]
+    # Runs of equal counts (a group's parameters share theirs; the kernels reuse a count's constants)
+    counts = []
+    for _ in params:
+        counts.append(counts[-1] if counts and random.random() < 0.5 else random.randint(0, 300))
+    steps = [torch.tensor(float(c), device=device) for c in counts]
     return params, grads, steps
 
 

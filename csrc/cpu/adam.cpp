@@ -88,10 +88,19 @@ std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& l
   const float* scales = gnorm_scales.has_value() ? gnorm_scales->data_ptr<float>() : nullptr;
   std::vector<AdamScalars> out;
   out.reserve(steps.size());
+  float last_t = 0.0f;
   for (size_t i = 0; i < steps.size(); ++i) {
     float& t = *steps[i].data_ptr<float>();
     t += 1.0f;
-    out.push_back(adam_scalars(lr_value, t, beta1, beta2, eps, weight_decay, scales ? scales[i] : 1.0f));
+    const float scale = scales ? scales[i] : 1.0f;
+    // The tensors of a group usually share their step count: the constants of the previous
+    // tensor's count are reused (three pow()s fewer per tensor).
+    if (i > 0 && t == last_t && scale == out.back().grad_scale) {
+      out.push_back(out.back());
+    } else {
+      out.push_back(adam_scalars(lr_value, t, beta1, beta2, eps, weight_decay, scale));
+      last_t = t;
+    }
   }
   return out;
 }
