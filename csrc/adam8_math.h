@@ -170,7 +170,8 @@ ADAM8_HD float record_gnorm(float* history, double norm_sq, double t, int64_t pe
   if (t <= 1.0 || history[0] < 0.0f) {  // first record (negative: a history made mid-training)
     for (int i = 0; i < kGnormHistory; ++i) history[i] = value;
   } else {
-    history[static_cast<int64_t>(fmod(t, static_cast<double>(kGnormHistory)))] = value;
+    const double slot = fmod(t, static_cast<double>(kGnormHistory));  // NaN for a NaN or inf count:
+    history[slot >= 0.0 && slot < kGnormHistory ? static_cast<int64_t>(slot) : 0] = value;  // slot 0
   }
   float kth = value;  // the value with `percentile` smaller ones before it in sorted order
   for (int i = 0; i < kGnormHistory; ++i) {
@@ -306,8 +307,26 @@ ADAM8_HD I keep_positive(I index, F x, int32_t first_positive) {
   return imax(index, I(first_positive) & (I(0) - positive_as_int(x)));
 }
 
-// Scale used to normalise a block by its absmax; an all-zero block maps to code(0).
-ADAM8_HD float inv_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+constexpr float kMaxFloat = 3.40282347e+38f;  // FLT_MAX
+
+// Scale used to normalise a block by its absmax. An all-zero block maps to the code nearest 0, and
+// so does a block whose absmax is so small (below 1 / FLT_MAX, 2.9e-39, a subnormal) that its
+// inverse overflows to inf, which would give every nonzero value a full-scale code: such a block
+// is flushed to zero, as flush-to-zero hardware would.
+ADAM8_HD float inv_absmax(float absmax) {
+  const float inv = 1.0f / absmax;
+  return absmax > 0.0f && inv <= kMaxFloat ? inv : 0.0f;
+}
+
+// |x|'s bits, whose integer maximum over a block is its absmax: for |x| the integer order is the
+// float order, and a NaN (its sign cleared) sorts above inf, so a block holding a NaN gets absmax
+// NaN wherever it sits (a float maximum keeps or drops a NaN depending on the operands' order).
+// (The sign is masked off the bits: the absolute value of a NaN may keep it on some hardware.)
+template <class F, class I>
+ADAM8_HD I abs_bits(F x) { return bits_of(x) & I(0x7fffffff); }
+// False for an absmax of NaN or inf: quantize_blockwise then gives every value of the block the
+// code nearest 0, so the block dequantizes to NaN (0 * inf; +-inf for a code without 0).
+ADAM8_HD bool finite_absmax(float absmax) { return absmax <= kMaxFloat; }
 
 template <class F, class I>
 ADAM8_HD F dequantize_one(I q, const float* code, F absmax) {

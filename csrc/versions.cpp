@@ -6,6 +6,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace adam8 {
 namespace {
 
@@ -14,20 +16,24 @@ void bump(const at::Tensor& t) {
   if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// After the kernel returns, as ATen's in-place ops: a call the kernel refuses changes nothing, its
+// tensors' versions included. (The kernel consumes the stack: the written arguments are kept first.)
 void bump_versions_of_mutated(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack->size() - arguments.size();
+  std::vector<c10::IValue> written;  // tensors and tensor lists (a list's copy shares its elements)
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
-    if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::IValue& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite()) written.push_back((*stack)[first + i]);
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const c10::IValue& value : written) {
     if (value.isTensor()) {
       bump(value.toTensor());
     } else if (value.isTensorList()) {
       for (const at::Tensor& t : value.toTensorList()) bump(t);
     }
   }
-  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -46,11 +47,11 @@ def clipping_reference(grads, gnorm_vecs, steps, percentile, scales):
     for i, (g, history, step) in enumerate(zip(grads, gnorm_vecs, steps)):
         finite = (g.float() * g.float()).isfinite()  # as the update counts them
         norm_sq = torch.where(finite, g.double(), 0.0).square().sum().float()
-        t = int(step.item()) + 1
+        t = step.item() + 1.0
         if t <= 1 or history[0] < 0:
             history.fill_(norm_sq)
-        else:
-            history[t % HISTORY] = norm_sq
+        else:  # (a NaN or inf count: slot 0)
+            history[int(t % HISTORY) if math.isfinite(t) else 0] = norm_sq
         clip = history.sort().values[percentile].sqrt()
         norm = norm_sq.sqrt()
         scales[i] = clip / norm if norm > clip else 1.0

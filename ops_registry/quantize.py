@@ -46,10 +46,13 @@ def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int, keep
     padded = flat.new_zeros(blocks * blocksize)
     padded[:n] = flat
     padded = padded.view(blocks, blocksize)
-    absmax = padded.abs().amax(dim=1) if blocks else flat.new_zeros(0)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    absmax = padded.abs().amax(dim=1) if blocks else flat.new_zeros(0)  # (NaN where a NaN is)
+    # A block whose inverse overflows flushes to zero; a block holding a NaN or inf gets the code
+    # nearest 0 everywhere (csrc/adam8_math.h: inv_absmax, finite_absmax)
+    inv = 1.0 / absmax
+    inv = torch.where((absmax > 0) & inv.isfinite(), inv, torch.zeros_like(absmax))
     bounds = (code[:-1] + code[1:]) / 2
-    normalized = padded * inv[:, None]
+    normalized = torch.where(absmax.isfinite()[:, None], padded * inv[:, None], 0.0)
     q = torch.bucketize(normalized, bounds)
     if keep_positive:
         first_positive = min(int((code <= 0).sum()), code.numel() - 1)

@@ -1,6 +1,7 @@
 """Every registry op: opcheck on each sample, kernel against reference over sizes and dtypes,
 and every error input rejected with the same sentence by the kernel and by the fake."""
 
+import math
 import re
 
 import pytest
@@ -9,6 +10,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops_registry
 from ops_registry import OPS
+from ops_registry.quantize import quantize_reference
+from ops_registry.testing import assert_equal, make_code
 
 from conftest import DEVICES
 
@@ -88,16 +91,49 @@ def error_params():
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_blockwise_of_nonfinite_and_tiny_blocks(device, signed):
+    """A NaN anywhere in a block (the fourth value, a block's last, a partial block's last: the
+    kernels' vector and scalar paths) makes the block's absmax NaN, an inf makes it inf, and either
+    gives every value of the block the code nearest 0, so the block dequantizes to NaN; a block
+    whose absmax is so small that its inverse overflows flushes to zero, a subnormal one above that
+    quantizes as usual. As the reference (the samples cannot hold these: opcheck compares outputs
+    without equal_nan)."""
+    code = make_code(signed, device)
+    x = torch.randn(6 * 64 + 5, device=device)  # blocks of 64: 0-1 NaN, 2 inf, 3 tiny, 4 subnormal, 6 NaN
+    x = x if signed else x.abs()
+    for i, value in ((3, math.nan), (127, -math.nan), (130, -math.inf if signed else math.inf),
+                     (x.numel() - 1, math.nan)):
+        x[i] = value
+    x[192:256] *= 1e-40 / x[192:256].abs().max()  # absmax below 1 / FLT_MAX (2.9e-39)
+    x[256:320] *= 5e-39 / x[256:320].abs().max()  # subnormal, its inverse finite
+    q, absmax = torch.ops.adam8.quantize_blockwise(x, code, 64)
+    ref_q, ref_absmax = quantize_reference(x, code, 64)
+    assert_equal(q, ref_q)
+    assert_equal(absmax, ref_absmax)
+    assert absmax[[0, 1, 6]].isnan().all() and absmax[2] == math.inf and 2.9e-39 < absmax[4] < 1.2e-38
+    zero_code = int(code.abs().argmin())
+    assert (q[:256] == zero_code).all() and (q[384:] == zero_code).all() and (q[256:320] != zero_code).any()
+    out = torch.ops.adam8.dequantize_blockwise(q, absmax, code, 64, torch.float32)
+    assert out[:192].isnan().all() and (out[192:256] == 0).all() and out[384:].isnan().all()
+    assert ((out[256:320] - x[256:320]).abs() <= 0.05 * 5e-39).all()  # (the map's steps near 1: ~2%)
+
+
 @pytest.mark.parametrize("info,device,index", error_params())
 def test_error_input_rejected_alike_by_kernel_and_fake(info, device, index):
     sample, error_type, regex = list(info.error_inputs(device))[index]
     before = clone(sample.args)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(sample.args) if isinstance(t, torch.Tensor)]
+    versions = [t._version for t in leaves]
     with pytest.raises(error_type, match=regex):
         info.op(*sample.args, **sample.kwargs)
-    # A rejected call leaves its arguments, the mutable ones included, as they were.
+    # A rejected call leaves its arguments, the mutable ones included, as they were: values and
+    # versions (a new version would make autograd refuse a backward through an unchanged tensor).
     for a, b in zip(torch.utils._pytree.tree_leaves(sample.args), torch.utils._pytree.tree_leaves(before)):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+    assert [t._version for t in leaves] == versions
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fake_args = torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, sample.args)
         with pytest.raises(error_type, match=regex):

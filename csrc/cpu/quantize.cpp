@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "../checks.h"
@@ -17,20 +18,23 @@ namespace {
 template <class T>
 void quantize_block(const T* x, int64_t n, const QuantLut& lut, uint8_t* out, float* absmax) {
   alignas(64) float xf[kMaxRun];
-  constexpr int W = Lane<Wide>::kWidth;
-  Wide wmax(0.0f);
+  using L = Lane<Wide>;
+  constexpr int W = L::kWidth;
+  typename L::I wmax(0);
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    Wide v = Lane<Wide>::load(x + i);
+    Wide v = L::load(x + i);
     store_lane(xf + i, v);
-    wmax = vmax(wmax, vabs(v));
+    wmax = imax(wmax, abs_bits<Wide, typename L::I>(v));
   }
-  float amax = reduce_max(wmax);
+  int32_t bits = reduce_imax(wmax);
   for (; i < n; ++i) {
     xf[i] = load_lane(x + i);
-    amax = vmax(amax, vabs(xf[i]));
+    bits = imax(bits, abs_bits<float, int32_t>(xf[i]));
   }
+  const float amax = float_of(bits);
   *absmax = amax;
+  if (!finite_absmax(amax)) std::fill(xf, xf + n, 0.0f);  // a NaN or inf in the block: code(0) for all
   quantize_run(xf, n, inv_absmax(amax), out, lut);
 }
 

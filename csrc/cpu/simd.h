@@ -74,6 +74,7 @@ inline void store_ints(int32_t* p, int32_t x) { *p = x; }
 inline int32_t load_ints(const int32_t* p, float*) { return *p; }
 inline void store_code(uint8_t* p, int32_t q) { *p = static_cast<uint8_t>(q); }
 inline float reduce_max(float x) { return x; }
+inline int32_t reduce_imax(int32_t x) { return x; }
 inline double reduce_sum(float x) { return x; }
 
 #ifdef ADAM8_HAVE_AVX2
@@ -82,6 +83,14 @@ inline float reduce_max(VecF x) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
+}
+
+inline int32_t reduce_imax(VecI x) {
+  alignas(32) int32_t v[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(v), x.v);
+  int32_t m = v[0];
+  for (int32_t i : v) m = i > m ? i : m;
+  return m;
 }
 
 inline double reduce_sum(VecF x) {

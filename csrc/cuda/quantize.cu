@@ -17,33 +17,36 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const T* x, int64_t 
                                                             const float* code, const int32_t* table,
                                                             uint8_t* q, float* absmax) {
   __shared__ float bounds[kCodeSize - 1];
-  __shared__ float warp_maxima[kThreads / 32];
+  __shared__ int32_t warp_maxima[kThreads / 32];  // abs_bits
   const QuantLut lut = device_lut(code, table, bounds);
   if (!lut.fast) load_bounds(code, bounds);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
   const int64_t len = n - begin < blocksize ? n - begin : blocksize;
   constexpr int kMaxPer = kMaxBlock / kThreads;
   float xs[kMaxPer];
-  float amax = 0.0f;
+  int32_t bits = 0;
 #pragma unroll
   for (int j = 0; j < kMaxPer; ++j) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kThreads;
     xs[j] = i < len ? to_float(x[begin + i]) : 0.0f;
-    amax = vmax(amax, vabs(xs[j]));
+    bits = imax(bits, abs_bits<float, int32_t>(xs[j]));
   }
-  amax = warp_max(amax);
-  if (threadIdx.x % 32 == 0) warp_maxima[threadIdx.x / 32] = amax;
-  __syncthreads();
-  amax = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) amax = vmax(amax, warp_maxima[w]);
+  for (int offset = 16; offset > 0; offset >>= 1) bits = imax(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
+  if (threadIdx.x % 32 == 0) warp_maxima[threadIdx.x / 32] = bits;
+  __syncthreads();
+  bits = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) bits = imax(bits, warp_maxima[w]);
+  const float amax = float_of(bits);
   if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
   const float inv = inv_absmax(amax);
+  const bool finite = finite_absmax(amax);  // else code(0) for all (a NaN or inf in the block)
 #pragma unroll
   for (int j = 0; j < kMaxPer; ++j) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kThreads;
     if (i < len) {
-      const float xn = xs[j] * inv;
+      const float xn = finite ? xs[j] * inv : 0.0f;
       q[begin + i] = static_cast<uint8_t>(lut.fast ? code_index_lut<float, int32_t>(xn, lut)
                                                    : code_index_search(xn, lut.bounds));
     }
