@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <unordered_set>
 #include <vector>
 
 #include "checks.h"
@@ -31,17 +32,21 @@ bool usual(const at::Tensor& p, const at::Tensor& g, PyObject* moment) {
 }
 
 // For parallel lists (a parameter, its .grad or None, its first moment or None): the index of the
-// first parameter with a gradient that is not usual (-1 if none), and whether any gradient has
-// strides unlike its parameter's (the step copies those to the parameter's layout).
+// first parameter with a gradient that is not usual or repeats an earlier one (-1 if none), and
+// whether any gradient has strides unlike its parameter's (the step copies those to the
+// parameter's layout).
 std::tuple<int64_t, bool> scan_params(const py::list& params, const py::list& grads, const py::list& moments) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(PyList_GET_SIZE(grads.ptr()) == n && PyList_GET_SIZE(moments.ptr()) == n,
               "scan_params: the three lists must have one entry per parameter");
   bool strided = false;
+  std::unordered_set<PyObject*> seen;  // (one op call updating a tensor twice races)
+  seen.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* grad = PyList_GET_ITEM(grads.ptr(), i);
     if (grad == Py_None) continue;
     PyObject* param = PyList_GET_ITEM(params.ptr(), i);
+    if (!seen.insert(param).second) return {i, strided};
     TORCH_CHECK(THPVariable_Check(param) && THPVariable_Check(grad), "scan_params: parameters and gradients "
                 "must be tensors");
     const at::Tensor& p = THPVariable_Unpack(param);
@@ -99,13 +104,15 @@ py::object batch_group(const py::list& params, const py::list& grads, const py::
     PyObject* state = PyList_GET_ITEM(states.ptr(), i);
     if (state != Py_None && !PyDict_Check(state)) return py::none();
     const bool has_state = state != Py_None && PyDict_GET_SIZE(state) > 0;
-    // (also for a parameter without a gradient: the Python loop switches its state too)
-    if (has_state && ((PyDict_GetItem(state, k.state3) != nullptr) != amsgrad ||
-                      (PyDict_GetItem(state, k.gnorm_vec) != nullptr) != clipping)) {
+    // As the Python loop: amsgrad switched, or clipping turned off, changes the state of a parameter
+    // without a gradient too; clipping turned on adds its history to one with a gradient only.
+    const bool has_history = has_state && PyDict_GetItem(state, k.gnorm_vec) != nullptr;
+    if (has_state && ((PyDict_GetItem(state, k.state3) != nullptr) != amsgrad || (has_history && !clipping))) {
       return py::none();
     }
     PyObject* grad = PyList_GET_ITEM(grads.ptr(), i);
     if (grad == Py_None) continue;
+    if (has_history != clipping) return py::none();
     PyObject* param = PyList_GET_ITEM(params.ptr(), i);
     PyObject* state1 = has_state ? PyDict_GetItem(state, k.state1) : nullptr;
     if (state1 == nullptr || !THPVariable_Check(state1) || !THPVariable_Check(param) || !THPVariable_Check(grad)) {

@@ -930,6 +930,27 @@ def test_a_copied_or_unpickled_optimizer_steps_as_the_original(cls, kwargs, how,
 
 
 @pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+def test_a_parameter_appended_to_its_group_again_is_refused(cls, scan):
+    """The constructor refuses a parameter listed twice in a group; one appended to the group's list
+    again later is refused at the next step, before anything changes (one op call would update it
+    twice at once: a race). The same parameter in two groups steps twice, as with torch.optim."""
+    params = make_params()
+    opt = cls(params)
+    set_grads(params)
+    opt.step()
+    opt.param_groups[0]["params"].append(params[1])
+    set_grads(params)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"parameter 4 of group 0 \(shape \[300\]\) is parameter 1 of the group "
+                       r"again; list each parameter once"):
+        opt.step()
+    assert_same(snapshot(opt, params), before)
+    opt.param_groups[0]["params"].pop()
+    opt.step()
+    assert not torch.equal(params[1], before[0][1])
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
 def test_gradient_strided_unlike_its_parameter(cls, scan):
     """A gradient whose strides differ from its parameter's (a transposed view, as some backward
     kernels produce) updates the same elements as a contiguous one, whether it comes at the first
@@ -963,6 +984,10 @@ def _batching_cases():
     def clipping_switched(opt, params):
         opt.args.percentile_clipping = 90
 
+    def clipping_switched_beside_a_frozen_parameter(opt, params):
+        opt.args.percentile_clipping = 90
+        params[1].grad = None  # its state gets no history until it has a gradient again
+
     def override(opt, params):
         GlobalOptimManager.get_instance().override_config(params[2], "lr", 0.5)
 
@@ -978,6 +1003,8 @@ def _batching_cases():
          True),
         ("amsgrad switched on", lambda ps: Adam32bit(ps), amsgrad_switched, False),
         ("clipping switched on", lambda ps: Adam8bit(ps, min_8bit_size=1), clipping_switched, False),
+        ("clipping switched on beside a frozen parameter", lambda ps: Adam8bit(ps, min_8bit_size=1),
+         clipping_switched_beside_a_frozen_parameter, False),
         ("an override", lambda ps: Adam32bit(ps), override, False),
     ], shapes
 
@@ -1011,14 +1038,17 @@ def test_the_cpp_batching_of_a_group_equals_the_python_loop(case, monkeypatch):
         _, layout = opt._init_group(opt.param_groups[0], tensors, True)
         return layout, tensors
 
+    overridden = change is not None and change.__name__ == "override"
     try:
         cpp = init_group(recorded)  # (first: where it falls back, the loop switches the state's kind)
         loop = init_group(lambda *args: None)
+        assert taken == ([] if overridden else [applies])
+        assert cpp[0] == loop[0]
+        assert len(cpp[1]) == len(loop[1]) and all(a is b for a, b in zip(cpp[1], loop[1]))
+        init_group(recorded)  # the states switched, the next steps take the C++ batching
+        assert taken == ([] if overridden else [applies, True])
     finally:
         GlobalOptimManager.get_instance().reset()
-    assert taken == ([True] if applies else [] if change is not None and change.__name__ == "override" else [False])
-    assert cpp[0] == loop[0]
-    assert len(cpp[1]) == len(loop[1]) and all(a is b for a, b in zip(cpp[1], loop[1]))
 
 
 @needs_scan
@@ -1084,3 +1114,49 @@ def test_a_steady_step_makes_few_python_calls_per_parameter(cls, min_8bit_size):
     few, many = calls(10), calls(110)
     per_parameter = {k: (many[k] - few[k]) / 100 for k in few}
     assert per_parameter["call"] <= 1 and per_parameter["c_call"] <= 3, per_parameter
+
+
+def test_state_dict_hooks_see_and_may_replace_the_saved_dict():
+    """As torch.optim's: a state_dict post-hook may return another dict (the result), and sees the
+    state as it is saved (paged states as their plain inner tensors); a load_state_dict pre-hook
+    gets a shallow copy of the caller's dict, so editing it leaves the caller's alone."""
+    params = make_params(((500, 400), (30,)))
+    opt = PagedAdam8bit(params)
+    set_grads(params)
+    opt.step()
+    assert isinstance(opt.state[params[0]]["state1"], torchadam8.PagedTensor)
+    seen = []
+
+    def post_hook(o, state_dict):
+        seen.extend(type(v) for s in state_dict["state"].values() for v in s.values())
+        return {"wrapped": state_dict}
+
+    handle = opt.register_state_dict_post_hook(post_hook)
+    saved = opt.state_dict()
+    handle.remove()
+    assert list(saved) == ["wrapped"] and set(saved["wrapped"]) == {"state", "param_groups"}
+    assert seen and all(t is torch.Tensor for t in seen)
+
+    def pre_hook(o, state_dict):
+        state_dict.pop("extra")  # a key another tool added; the loaded dict is the caller's minus it
+
+    loaded = dict(saved["wrapped"], extra=1)
+    opt.register_load_state_dict_pre_hook(pre_hook)
+    opt.load_state_dict(loaded)
+    assert loaded["extra"] == 1
+
+
+def test_a_learning_rate_of_any_real_number_type_steps():
+    """check_hyperparameters accepts any real number (numbers.Real), so the step takes one: a
+    Fraction lr steps exactly as the float (it used to fail inside the step, after earlier groups)."""
+    from fractions import Fraction
+
+    params, twins = make_params(), None
+    twins = copies(params)
+    opt, twin = Adam32bit(params, lr=Fraction(1, 1000), betas=(Fraction(9, 10), 0.999)), Adam32bit(twins, lr=1e-3)
+    for _ in range(3):
+        set_twin_grads(params, twins)
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)

@@ -2,8 +2,8 @@
 parameters. Each call runs one adam8 op (one kernel launch per pack of tensors on CUDA), so a
 compiled step traces to a few ops (the classes call it per 128 parameters there). As with torch's
 foreach ops, a tensor appears at most once across a call's lists: the kernels update them all at
-once, so a tensor given twice (a parameter, a state, a step count) is not updated twice (the
-optimizer classes refuse repeated parameters)."""
+once, so a tensor given twice (a parameter, a state, a step count) gets two updates that race, an
+undefined result (not checked here; the optimizer classes refuse repeated parameters)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
         return _to_device(lr, device, torch.float32)
     # ones * lr, not torch.full / torch.tensor: compiled, a float lr then becomes a graph input after
-    # its first change (those specialize on its value and recompile at every change).
+    # its first change (those specialize on its value and recompile at every change). float(): any
+    # real number the checks accept (a Fraction does not multiply a tensor).
     return _eager_constant((torch.device(device), "lr", lr),
-                           lambda: torch.ones((), dtype=torch.float32, device=device) * lr)
+                           lambda: torch.ones((), dtype=torch.float32, device=device) * float(lr))
 
 
 def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -60,7 +61,7 @@ def betas_tensor(beta1: float | torch.Tensor, beta2: float | torch.Tensor, devic
     graph, so a scheduler changing beta1 (OneCycleLR's cycle_momentum) does not recompile."""
     def make():
         one = torch.ones((), dtype=torch.float64, device=device)
-        return torch.stack([one * b if not isinstance(b, torch.Tensor) else _to_device(b, device, torch.float64)
+        return torch.stack([one * float(b) if not isinstance(b, torch.Tensor) else _to_device(b, device, torch.float64)
                             for b in (beta1, beta2)])
 
     if isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
@@ -473,10 +474,14 @@ class Adam(torch.optim.Optimizer):
             return gathered
         states = self.state
         for gi, g in enumerate(self.param_groups):
+            seen: dict[int, int] = {}
             for pi, p in enumerate(g["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
+                if seen.setdefault(id(p), pi) != pi:  # appended to the group's list again since
+                    raise ValueError(f"{self._where(p, gi, pi)} is parameter {seen[id(p)]} of the group again; "
+                                     "list each parameter once (one op call would update it twice at once)")
                 dtype = p.dtype
                 if (grad.dtype != dtype or dtype not in PARAM_DTYPES or grad.shape != p.shape or grad.is_sparse
                         or grad.device != p.device):
@@ -495,7 +500,8 @@ class Adam(torch.optim.Optimizer):
         return grads, states, _scan(params, grads, states)
 
     def _init_group(self, group: dict[str, Any], tensors: list, check_all: bool) -> tuple:
-        """The per-parameter work of a step for one group, done in plain Python: checks the
+        """The per-parameter work of a step for one group, done eagerly (C++ batching where
+        every state is already of the group's kind, a Python loop otherwise): checks the
         gradients (with ``check_all``, every group's, so a bad one anywhere stops the step before
         anything changes), makes missing state, and sorts the parameters into batches (one op call
         each; in a compiled step, one per COMPILED_CALL_PARAMS of a batch). Appends each batch's
@@ -646,14 +652,25 @@ class Adam(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict; paged states appear as their inner (managed-memory) tensors,
-        so it saves and loads like any other (``torch.load(weights_only=True)`` included)."""
-        state_dict = super().state_dict()
+        so it saves and loads like any other (``torch.load(weights_only=True)`` included). The
+        post-hooks see it so, and may return another dict, as with torch's optimizers."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()  # (run below, after the unwrapping)
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         state_dict["state"] = {i: {k: unwrap(v) for k, v in s.items()} for i, s in state_dict["state"].items()}
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this class; a mismatch (group or parameter count, state shapes,
         dtypes, 8-bit vs 32-bit) raises ValueError and leaves the optimizer unchanged."""
+        state_dict = state_dict.copy()  # (shallow, as torch's: a pre-hook may edit it, not the caller's)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

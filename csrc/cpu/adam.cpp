@@ -95,7 +95,7 @@ std::vector<AdamScalars> advance_steps(at::TensorList steps, const at::Tensor& l
     const float scale = scales ? scales[i] : 1.0f;
     // The tensors of a group usually share their step count: the constants of the previous
     // tensor's count are reused (three pow()s fewer per tensor).
-    if (i > 0 && t == last_t && scale == out.back().grad_scale) {
+    if (i > 0 && t == last_t && bits_of(scale) == bits_of(out.back().grad_scale)) {
       out.push_back(out.back());
     } else {
       out.push_back(adam_scalars(lr_value, t, beta1, beta2, eps, weight_decay, scale));
