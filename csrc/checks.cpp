@@ -74,9 +74,11 @@ void check_dtype_arg(const char* op, at::ScalarType dtype, Dtypes allowed) {
   TORCH_CHECK_TYPE(is_one_of(dtype, allowed), op, ": dtype is ", dtype_name(dtype), "; expected ", dtype_list(allowed));
 }
 
-void check_device(const char* op, Arg what, const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, op, ": ", what, " is on ", t.device().str(),
-                    " but the parameters are on ", device.str(),
+// `ref` names the argument that sets the call's device.
+void check_device(const char* op, Arg what, const at::Tensor& t, const at::Device& device,
+                  const char* ref = "the parameters") {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", what, " is on ", t.device().str(), " but ", ref, " ",
+                    std::string(ref) == "the parameters" ? "are" : "is", " on ", device.str(),
                     "; all tensors of one call must be on one device");
 }
 
@@ -179,8 +181,9 @@ void check_adam_common(const char* op, at::TensorList params, at::TensorList gra
 }
 
 // Checks of a quantization code argument.
-void check_code(const char* op, const char* name, const at::Tensor& code, const at::Device& device) {
-  check_device(op, {name}, code, device);
+void check_code(const char* op, const char* name, const at::Tensor& code, const at::Device& device,
+                const char* ref = "the parameters") {
+  check_device(op, {name}, code, device, ref);
   check_dtype(op, {name}, code, at::kFloat);
   check_numel(op, {name}, code, 256);
 }
@@ -220,7 +223,7 @@ void check_found_inf(const char* op, const c10::optional<at::Tensor>& found_inf,
 void check_quantize_blockwise(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
   const char* op = "adam8.quantize_blockwise";
   check_dtype(op, {"x"}, x, kParamDtypes);
-  check_code(op, "code", code, x.device());
+  check_code(op, "code", code, x.device(), "x");
   check_blocksize(op, blocksize);
 }
 
@@ -228,11 +231,11 @@ void check_dequantize_blockwise(const at::Tensor& q, const at::Tensor& absmax, c
                                 int64_t blocksize, at::ScalarType dtype) {
   const char* op = "adam8.dequantize_blockwise";
   check_dtype(op, {"q"}, q, at::kByte);
-  check_device(op, {"absmax"}, absmax, q.device());
+  check_device(op, {"absmax"}, absmax, q.device(), "q");
   check_dtype(op, {"absmax"}, absmax, at::kFloat);
   check_blocksize(op, blocksize);
   check_numel(op, {"absmax"}, absmax, ceil_div(q.numel(), blocksize));
-  check_code(op, "code", code, q.device());
+  check_code(op, "code", code, q.device(), "q");
   check_dtype_arg(op, dtype, kParamDtypes);
 }
 
@@ -285,20 +288,20 @@ void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, 
   TORCH_CHECK_VALUE(percentile >= 0 && percentile < kGnormHistory, op, ": percentile must be in [0, 100), got ",
                     percentile);
   const at::Device device = n == 0 ? scales.device() : grads[0].device();
-  check_device(op, {"scales"}, scales, device);
+  check_device(op, {"scales"}, scales, device, "grads[0]");
   check_dtype(op, {"scales"}, scales, at::kFloat);
   check_numel(op, {"scales"}, scales, static_cast<int64_t>(n));
   check_dense(op, {"scales"}, scales);
   for (size_t i = 0; i < n; ++i) {
     const Arg g{"grads", static_cast<int64_t>(i)}, h{"gnorm_vecs", g.index}, t{"steps", g.index};
     check_dtype(op, g, grads[i], kParamDtypes);
-    check_device(op, g, grads[i], device);
+    check_device(op, g, grads[i], device, "grads[0]");
     check_dense(op, g, grads[i]);
-    check_device(op, h, gnorm_vecs[i], device);
+    check_device(op, h, gnorm_vecs[i], device, "grads[0]");
     check_dtype(op, h, gnorm_vecs[i], at::kFloat);
     check_numel(op, h, gnorm_vecs[i], kGnormHistory);
     check_dense(op, h, gnorm_vecs[i]);
-    check_device(op, t, steps[i], device);
+    check_device(op, t, steps[i], device, "grads[0]");
     check_dtype(op, t, steps[i], at::kFloat);
     check_numel(op, t, steps[i], 1);
   }
@@ -307,7 +310,7 @@ void check_percentile_clipping(at::TensorList grads, at::TensorList gnorm_vecs, 
 void check_paged_list(const char* op, at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Arg t{"tensors", static_cast<int64_t>(i)};
-    check_device(op, t, tensors[i], tensors[0].device());
+    check_device(op, t, tensors[i], tensors[0].device(), "tensors[0]");
     check_dense(op, t, tensors[i]);
   }
 }

@@ -50,10 +50,11 @@ def check_dtype(op: str, what: str, t: torch.Tensor, allowed: Sequence[torch.dty
     torch._check_type(t.dtype in allowed, lambda: f"{op}: {what} has dtype {t.dtype}; expected {dtype_list(allowed)}")
 
 
-def check_device(op: str, what: str, t: torch.Tensor, device: torch.device) -> None:
+def check_device(op: str, what: str, t: torch.Tensor, device: torch.device, ref: str = "the parameters") -> None:
+    """`ref` names the argument that sets the call's device."""
     torch._check_value(
         t.device == device,
-        lambda: f"{op}: {what} is on {t.device} but the parameters are on {device}; "
+        lambda: f"{op}: {what} is on {t.device} but {ref} {'are' if ref == 'the parameters' else 'is'} on {device}; "
         "all tensors of one call must be on one device",
     )
 
@@ -97,8 +98,8 @@ def check_blocksize(op: str, blocksize: int) -> None:
     )
 
 
-def check_code(op: str, name: str, code: torch.Tensor, device: torch.device) -> None:
-    check_device(op, name, code, device)
+def check_code(op: str, name: str, code: torch.Tensor, device: torch.device, ref: str = "the parameters") -> None:
+    check_device(op, name, code, device, ref)
     check_dtype(op, name, code, (torch.float32,))
     check_numel(op, name, code, 256)
 

@@ -21,20 +21,20 @@ def clipping_fake(grads, gnorm_vecs, steps, percentile, scales):
     checks.check_length(CLIP, "steps", len(steps), "grads", n)
     torch._check_value(0 <= percentile < HISTORY, lambda: f"{CLIP}: percentile must be in [0, 100), got {percentile}")
     device = grads[0].device if n else scales.device
-    checks.check_device(CLIP, "scales", scales, device)
+    checks.check_device(CLIP, "scales", scales, device, "grads[0]")
     checks.check_dtype(CLIP, "scales", scales, (torch.float32,))
     checks.check_numel(CLIP, "scales", scales, n)
     checks.check_dense(CLIP, "scales", scales)
     for i in range(n):
         g, h, t = f"grads[{i}]", f"gnorm_vecs[{i}]", f"steps[{i}]"
         checks.check_dtype(CLIP, g, grads[i], checks.PARAM_DTYPES)
-        checks.check_device(CLIP, g, grads[i], device)
+        checks.check_device(CLIP, g, grads[i], device, "grads[0]")
         checks.check_dense(CLIP, g, grads[i])
-        checks.check_device(CLIP, h, gnorm_vecs[i], device)
+        checks.check_device(CLIP, h, gnorm_vecs[i], device, "grads[0]")
         checks.check_dtype(CLIP, h, gnorm_vecs[i], (torch.float32,))
         checks.check_numel(CLIP, h, gnorm_vecs[i], HISTORY)
         checks.check_dense(CLIP, h, gnorm_vecs[i])
-        checks.check_device(CLIP, t, steps[i], device)
+        checks.check_device(CLIP, t, steps[i], device, "grads[0]")
         checks.check_dtype(CLIP, t, steps[i], (torch.float32,))
         checks.check_numel(CLIP, t, steps[i], 1)
 

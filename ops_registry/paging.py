@@ -66,7 +66,7 @@ def zeros_compare(sample, kernel, reference):
 def _paged_fake(op):
     def fake(tensors):
         for i, t in enumerate(tensors):
-            checks.check_device(op, f"tensors[{i}]", t, tensors[0].device)
+            checks.check_device(op, f"tensors[{i}]", t, tensors[0].device, "tensors[0]")
             checks.check_dense(op, f"tensors[{i}]", t)
 
     return fake
@@ -97,7 +97,7 @@ def _paged_errors(op):
                          rf"{op}: tensors\[0\] with shape \[4, 5\] and strides \[0, 1\] is not dense")
         if torch.device(device).type == "cuda":
             yield ErrorInput(SampleInput(([managed(randn(3, device=device)), torch.zeros(3)],), {}), ValueError,
-                             rf"{op}: tensors\[1\] is on cpu but the parameters are on")
+                             rf"{op}: tensors\[1\] is on cpu but tensors\[0\] is on")
 
     return errors
 

@@ -15,7 +15,7 @@ DEQUANTIZE = "adam8.dequantize_blockwise"
 # ---------------------------------------------------------------- fakes
 def quantize_fake(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     checks.check_dtype(QUANTIZE, "x", x, checks.PARAM_DTYPES)
-    checks.check_code(QUANTIZE, "code", code, x.device)
+    checks.check_code(QUANTIZE, "code", code, x.device, "x")
     checks.check_blocksize(QUANTIZE, blocksize)
     blocks = (x.numel() + blocksize - 1) // blocksize
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
@@ -23,11 +23,11 @@ def quantize_fake(x: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 def dequantize_fake(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype):
     checks.check_dtype(DEQUANTIZE, "q", q, (torch.uint8,))
-    checks.check_device(DEQUANTIZE, "absmax", absmax, q.device)
+    checks.check_device(DEQUANTIZE, "absmax", absmax, q.device, "q")
     checks.check_dtype(DEQUANTIZE, "absmax", absmax, (torch.float32,))
     checks.check_blocksize(DEQUANTIZE, blocksize)
     checks.check_numel(DEQUANTIZE, "absmax", absmax, (q.numel() + blocksize - 1) // blocksize)
-    checks.check_code(DEQUANTIZE, "code", code, q.device)
+    checks.check_code(DEQUANTIZE, "code", code, q.device, "q")
     torch._check_type(
         dtype in checks.PARAM_DTYPES,
         lambda: f"{DEQUANTIZE}: dtype is {dtype}; expected {checks.dtype_list(checks.PARAM_DTYPES)}",
@@ -116,6 +116,8 @@ def quantize_errors(device):
     yield ErrorInput(SampleInput((x, code[:255], 256), {}), ValueError, r"code has 255 elements; expected 256")
     for bad in (32, 100, 8192):
         yield ErrorInput(SampleInput((x, code, bad), {}), ValueError, rf"blocksize must be a power of two .*got {bad}")
+    if torch.device(device).type != "cpu":
+        yield ErrorInput(SampleInput((x, code.cpu(), 256), {}), ValueError, r"code is on cpu but x is on")
 
 
 def dequantize_errors(device):
@@ -127,6 +129,8 @@ def dequantize_errors(device):
     yield ErrorInput(SampleInput((q, absmax[:1], code, 256, f32), {}), ValueError, r"absmax has 1 elements; expected 2")
     yield ErrorInput(SampleInput((q, absmax, code, 128, f32), {}), ValueError, r"absmax has 2 elements; expected 3")
     yield ErrorInput(SampleInput((q, absmax, code, 256, torch.int32), {}), TypeError, r"dtype is torch.int32; expected")
+    if torch.device(device).type != "cpu":
+        yield ErrorInput(SampleInput((q, absmax.cpu(), code, 256, f32), {}), ValueError, r"absmax is on cpu but q is on")
 
 
 def compare_exact(sample, kernel, reference):
