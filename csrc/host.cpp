@@ -17,27 +17,80 @@ bool is_param_dtype(at::ScalarType t) {
   return std::find(adam8::kParamDtypes.begin(), adam8::kParamDtypes.end(), t) != adam8::kParamDtypes.end();
 }
 
-// Whether parameter p steps on the fast path: a dense gradient like p (dtype, shape, device), p of a
-// supported dtype, and a first moment of p's shape, device and strides (strides may differ where
-// p has at most one element). Anything else (an error to raise, a state to make or to move to a new
-// layout) is for the optimizer's Python, which names the parameter.
-bool usual(const at::Tensor& p, const at::Tensor& g, PyObject* moment) {
-  if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() || !is_param_dtype(p.scalar_type()) ||
-      g.sizes() != p.sizes() || g.device() != p.device()) {
-    return false;
-  }
-  if (!THPVariable_Check(moment)) return false;  // no state yet (None)
-  const at::Tensor& m = THPVariable_Unpack(moment);
-  return m.sizes() == p.sizes() && m.device() == p.device() && (m.strides() == p.strides() || p.numel() <= 1);
+// The state keys the scan and batch_group read, interned once.
+struct StateKeys {
+  PyObject *state1, *state2, *state3, *step, *absmax1, *absmax2, *absmax3, *gnorm_vec;
+};
+const StateKeys& state_keys() {
+  static const StateKeys keys{PyUnicode_InternFromString("state1"),  PyUnicode_InternFromString("state2"),
+                              PyUnicode_InternFromString("state3"),  PyUnicode_InternFromString("step"),
+                              PyUnicode_InternFromString("absmax1"), PyUnicode_InternFromString("absmax2"),
+                              PyUnicode_InternFromString("absmax3"), PyUnicode_InternFromString("gnorm_vec")};
+  return keys;
 }
 
-// For parallel lists (a parameter, its .grad or None, its first moment or None): the index of the
+// state[key] as a tensor on `device` of `dtype` and `numel` elements (numel < 0: any), or nullptr.
+const at::Tensor* entry(PyObject* state, PyObject* key, const at::Device& device, at::ScalarType dtype,
+                        int64_t numel = -1) {
+  PyObject* value = PyDict_GetItem(state, key);  // borrowed
+  if (value == nullptr || !THPVariable_Check(value)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(value);
+  return t.device() == device && t.scalar_type() == dtype && (numel < 0 || t.numel() == numel) ? &t : nullptr;
+}
+
+// Whether the state of p holds what an op call needs, each entry as the optimizer makes it: moments
+// of p's shape, strides (where p has more than one element) and device, all float32 or all (8-bit)
+// uint8, a float32 scalar step, 8-bit scales (all per block or all per tensor), a clipping history
+// of 100. (amsgrad's state3 and the history may be absent: the step adds them.) Anything else goes
+// to the Python checks: no state yet, moments to move to p's new layout, or an error naming the
+// entry (a state edited by hand), raised before the step changes anything.
+bool state_usual(const at::Tensor& p, PyObject* state) {
+  if (state == Py_None || !PyDict_Check(state)) return false;
+  const StateKeys& k = state_keys();
+  PyObject* first = PyDict_GetItem(state, k.state1);
+  if (first == nullptr || !THPVariable_Check(first)) return false;
+  const at::ScalarType kind = THPVariable_Unpack(first).scalar_type();
+  if (kind != at::kFloat && kind != at::kByte) return false;
+  const at::Device device = p.device();
+  auto moment = [&](PyObject* key) {
+    const at::Tensor* m = entry(state, key, device, kind);
+    return m != nullptr && m->sizes() == p.sizes() && (m->strides() == p.strides() || p.numel() <= 1);
+  };
+  const bool amsgrad = PyDict_GetItem(state, k.state3) != nullptr;
+  if (!moment(k.state1) || !moment(k.state2) || (amsgrad && !moment(k.state3)) ||
+      entry(state, k.step, device, at::kFloat, 1) == nullptr ||
+      (PyDict_GetItem(state, k.gnorm_vec) != nullptr &&
+       entry(state, k.gnorm_vec, device, at::kFloat, adam8::kGnormHistory) == nullptr)) {
+    return false;
+  }
+  if (kind == at::kByte) {
+    const at::Tensor* scales = entry(state, k.absmax1, device, at::kFloat);
+    if (scales == nullptr) return false;
+    const int64_t n = scales->numel();
+    if ((n != 1 && n != (p.numel() + adam8::kStateBlock - 1) / adam8::kStateBlock) ||
+        entry(state, k.absmax2, device, at::kFloat, n) == nullptr ||
+        (amsgrad && entry(state, k.absmax3, device, at::kFloat, n) == nullptr)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether parameter p steps on the fast path: a dense gradient like p (dtype, shape, device), p of a
+// supported dtype, and a usual state. Anything else (an error to raise, a state to make or to move
+// to a new layout) is for the optimizer's Python, which names the parameter.
+bool usual(const at::Tensor& p, const at::Tensor& g, PyObject* state) {
+  return g.layout() == at::kStrided && g.scalar_type() == p.scalar_type() && is_param_dtype(p.scalar_type()) &&
+         g.sizes() == p.sizes() && g.device() == p.device() && state_usual(p, state);
+}
+
+// For parallel lists (a parameter, its .grad or None, its state dict or None): the index of the
 // first parameter with a gradient that is not usual or repeats an earlier one (-1 if none), and
 // whether any gradient has strides unlike its parameter's (the step copies those to the
 // parameter's layout).
-std::tuple<int64_t, bool> scan_params(const py::list& params, const py::list& grads, const py::list& moments) {
+std::tuple<int64_t, bool> scan_params(const py::list& params, const py::list& grads, const py::list& states) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
-  TORCH_CHECK(PyList_GET_SIZE(grads.ptr()) == n && PyList_GET_SIZE(moments.ptr()) == n,
+  TORCH_CHECK(PyList_GET_SIZE(grads.ptr()) == n && PyList_GET_SIZE(states.ptr()) == n,
               "scan_params: the three lists must have one entry per parameter");
   bool strided = false;
   std::unordered_set<PyObject*> seen;  // (one op call updating a tensor twice races)
@@ -51,22 +104,10 @@ std::tuple<int64_t, bool> scan_params(const py::list& params, const py::list& gr
                 "must be tensors");
     const at::Tensor& p = THPVariable_Unpack(param);
     const at::Tensor& g = THPVariable_Unpack(grad);
-    if (!usual(p, g, PyList_GET_ITEM(moments.ptr(), i))) return {i, strided};
+    if (!usual(p, g, PyList_GET_ITEM(states.ptr(), i))) return {i, strided};
     strided = strided || (g.strides() != p.strides() && p.numel() > 1);
   }
   return {-1, strided};
-}
-
-// The state keys read by batch_group, interned once.
-struct StateKeys {
-  PyObject *state1, *state2, *state3, *step, *absmax1, *absmax2, *absmax3, *gnorm_vec;
-};
-const StateKeys& state_keys() {
-  static const StateKeys keys{PyUnicode_InternFromString("state1"),  PyUnicode_InternFromString("state2"),
-                              PyUnicode_InternFromString("state3"),  PyUnicode_InternFromString("step"),
-                              PyUnicode_InternFromString("absmax1"), PyUnicode_InternFromString("absmax2"),
-                              PyUnicode_InternFromString("absmax3"), PyUnicode_InternFromString("gnorm_vec")};
-  return keys;
 }
 
 // Appends state[key] to `list`; false where the state has no such entry.
@@ -158,7 +199,7 @@ py::object batch_group(const py::list& params, const py::list& grads, const py::
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_params", &scan_params, py::arg("params"), py::arg("grads"), py::arg("moments"),
+  m.def("scan_params", &scan_params, py::arg("params"), py::arg("grads"), py::arg("states"),
         "(first unusual index or -1, any gradient strided unlike its parameter)");
   m.def("batch_group", &batch_group, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("amsgrad"),
         py::arg("clipping"), "[(lists, eight_bit, block_wise, strided) of each op call of a group] or None");

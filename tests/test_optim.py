@@ -1051,35 +1051,96 @@ def test_the_cpp_batching_of_a_group_equals_the_python_loop(case, monkeypatch):
         GlobalOptimManager.get_instance().reset()
 
 
+def _state(moment, **entries):
+    """A state as the optimizer makes it around `moment` (None: no state); entries replace keys
+    (None: removes the key)."""
+    if moment is None:
+        return None
+    state = {"step": torch.tensor(3.0), "state1": moment, "state2": moment.clone()}
+    if moment.dtype == torch.uint8:
+        blocks = (moment.numel() + 255) // 256
+        state.update(absmax1=torch.ones(blocks), absmax2=torch.ones(blocks))
+    for key, value in entries.items():
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    return state
+
+
 @needs_scan
 def test_scan_params_flags_what_the_step_checks_in_python():
     """The C++ scan of a step sends a parameter to the Python checks (which raise, make state or
     move it to a new layout) in every case they handle, and only then."""
     scan = torchadam8._extension.host().scan_params
     p = torch.nn.Parameter(torch.randn(4, 6))
-    good_grad, good_moment = torch.randn(4, 6), torch.zeros(4, 6)
+    good_grad, good = torch.randn(4, 6), torch.zeros(4, 6)
+    codes = torch.zeros(4, 6, dtype=torch.uint8)
     unusual = {
-        "gradient dtype": (p, good_grad.double(), good_moment),
-        "gradient shape": (p, torch.randn(6, 4), good_moment),
-        "sparse gradient": (p, good_grad.to_sparse(), good_moment),
-        "parameter dtype": (torch.randn(4, 6, dtype=torch.float64), good_grad.double(), good_moment),
+        "gradient dtype": (p, good_grad.double(), _state(good)),
+        "gradient shape": (p, torch.randn(6, 4), _state(good)),
+        "sparse gradient": (p, good_grad.to_sparse(), _state(good)),
+        "parameter dtype": (torch.randn(4, 6, dtype=torch.float64), good_grad.double(), _state(good)),
         "no state yet": (p, good_grad, None),
-        "moment shape": (p, good_grad, torch.zeros(24)),
-        "moment strides": (p, good_grad, torch.zeros(6, 4).t()),
+        "empty state": (p, good_grad, {}),
+        "moment shape": (p, good_grad, _state(torch.zeros(24))),
+        "moment strides": (p, good_grad, _state(torch.zeros(6, 4).t())),
+        "second moment strides": (p, good_grad, _state(good, state2=torch.zeros(6, 4).t())),
+        "second moment dtype": (p, good_grad, _state(good, state2=good.half())),
+        "no second moment": (p, good_grad, _state(good, state2=None)),
+        "moments of two kinds": (p, good_grad, _state(good, state2=codes)),
+        "float64 moments": (p, good_grad, _state(good.double())),
+        "amsgrad's moment": (p, good_grad, _state(good, state3=torch.zeros(24))),
+        "an int step": (p, good_grad, _state(good, step=0)),
+        "a float64 step": (p, good_grad, _state(good, step=torch.tensor(3.0, dtype=torch.float64))),
+        "no step": (p, good_grad, _state(good, step=None)),
+        "history size": (p, good_grad, _state(good, gnorm_vec=torch.zeros(99))),
+        "8-bit scales": (p, good_grad, _state(codes, absmax1=torch.ones(2))),
+        "8-bit scales of two kinds": (p, good_grad, _state(codes, absmax2=torch.ones(2), absmax1=torch.ones(1))),
+        "no 8-bit scales": (p, good_grad, _state(codes, absmax2=None)),
+        "amsgrad's 8-bit scales": (p, good_grad, _state(codes, state3=codes.clone())),
     }
-    for what, (param, grad, moment) in unusual.items():
-        params, grads, moments = [p, param, p], [good_grad, grad, good_grad], [good_moment, moment, good_moment]
-        assert scan(params, grads, moments) == (1, False), what
+    for what, (param, grad, state) in unusual.items():
+        params, grads, states = [p, param, p], [good_grad, grad, good_grad], [_state(good), state, _state(good)]
+        assert scan(params, grads, states) == (1, False), what
     # usual: no gradient (whatever the rest), one element with other strides, a gradient strided
-    # unlike its parameter (reported), bf16 and fp16 parameters
+    # unlike its parameter (reported), bf16 and fp16 parameters, amsgrad and clipping entries,
+    # 8-bit codes with per-block or per-tensor scales
     one = torch.randn(1, 1)
-    assert scan([p, one], [None, one.clone()], [None, torch.zeros(1, 1).as_strided((1, 1), (5, 3))]) == (-1, False)
-    assert scan([p], [torch.randn(6, 4).t()], [good_moment]) == (-1, True)
+    assert scan([p, one], [None, one.clone()], [{}, _state(torch.zeros(1, 1).as_strided((1, 1), (5, 3)))]) == (-1, False)
+    assert scan([p], [torch.randn(6, 4).t()], [_state(good)]) == (-1, True)
     for dtype in (torch.bfloat16, torch.float16):
         half = p.detach().to(dtype)
-        assert scan([half], [good_grad.to(dtype)], [good_moment]) == (-1, False)
+        assert scan([half], [good_grad.to(dtype)], [_state(good)]) == (-1, False)
+    for state in (_state(good, state3=good.clone(), gnorm_vec=torch.zeros(100)), _state(codes),
+                  _state(codes, absmax1=torch.ones(1), absmax2=torch.ones(1)),
+                  _state(codes, state3=codes.clone(), absmax3=torch.ones(1))):
+        assert scan([p], [good_grad], [state]) == (-1, False), state.keys()
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         scan([p], [], [])
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, Adam32bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("breaker,regex", [
+    (lambda s, p: s.__setitem__("step", 0), r"state\['step'\] is a int; expected a float32 tensor of one element"),
+    (lambda s, p: s.__setitem__("step", s["step"].double()), r"state\['step'\] is a torch.float64 tensor"),
+    (lambda s, p: s.__setitem__("state2", s["state2"][:1]), r"state\['state2'\] is a torch\.\w+ tensor of shape \[1"),
+    (lambda s, p: s.pop("state2"), r"state\['state2'\] is missing"),
+], ids=["int step", "float64 step", "state2 shape", "no state2"])
+def test_a_state_edited_by_hand_is_refused_before_anything_changes(cls, breaker, regex, scan):
+    """A state entry edited by hand into something the ops cannot take raises an error naming the
+    parameter and the entry, before any parameter steps (it used to fail inside an op, after the
+    earlier batches and groups had stepped)."""
+    params = make_params(((64, 80), (300,), (17,)))
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], min_8bit_size=1)
+    set_grads(params)
+    opt.step()
+    breaker(opt.state[params[2]], params[2])
+    set_grads(params)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 0 of group 1 \(shape \[17\]\): its " + regex):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
 @needs_scan

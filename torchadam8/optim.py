@@ -78,8 +78,7 @@ def _scan(params: list[torch.Tensor], grads: list, states: list[dict | None]) ->
     host = _extension.host()
     if host is None:
         return 0, True
-    # (each state's first moment: all moments share its layout)
-    return host.scan_params(params, grads, [state.get("state1") if state else None for state in states])
+    return host.scan_params(params, grads, states)
 
 
 def _batch_lists(members: list[tuple], eight_bit: bool, amsgrad: bool, clipping: bool) -> list[list]:
@@ -486,12 +485,51 @@ class Adam(torch.optim.Optimizer):
                 if (grad.dtype != dtype or dtype not in PARAM_DTYPES or grad.shape != p.shape or grad.is_sparse
                         or grad.device != p.device):
                     raise self._grad_error(p, grad, gi, pi)
-                moment = states.get(p, {}).get("state1")  # (all moments share its layout)
-                if moment is None:  # its first step: appended to the list since, or changed
+                state = states.get(p)
+                if not state:  # its first step: appended to the list since, or changed
                     _check_param(p, self._where(p, gi, pi))
-                elif moment.shape != p.shape or moment.stride() != p.stride():
-                    self._follow_layout(p, states[p], gi, pi)
+                    continue
+                moment = state.get("state1")  # (all moments share its layout)
+                if isinstance(moment, torch.Tensor) and (moment.shape != p.shape or moment.stride() != p.stride()):
+                    self._follow_layout(p, state, gi, pi)
+                self._check_state(p, state, gi, pi)
         return [self._gathered(g["params"]) for g in self.param_groups]  # (states may have moved)
+
+    def _check_state(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
+        """Raises, naming the entry, where the state of p does not hold what an op call needs, as
+        the optimizer makes it (host.cpp's state_usual, which sends such a parameter here): a state
+        edited by hand (bitsandbytes' habit ``state["step"] = 0``, an int) would otherwise fail
+        inside an op, after earlier batches had stepped."""
+        def check(key: str, ok, expected: str) -> None:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and ok(value):
+                return
+            got = (f"a {value.dtype} tensor of shape {list(value.shape)} on {value.device}"
+                   if isinstance(value, torch.Tensor) else "missing" if key not in state else f"a {type(value).__name__}")
+            raise ValueError(f"{self._where(p, gindex, pindex)}: its state[{key!r}] is {got}; expected {expected} "
+                             "(edited by hand? a saved state loads through load_state_dict, which checks it)")
+
+        first = state.get("state1")
+        kind = first.dtype if isinstance(first, torch.Tensor) else None
+        device, one = p.device, p.numel() <= 1
+        check("state1", lambda t: t.dtype in (torch.float32, torch.uint8), "float32 moments or uint8 codes")
+        for key in ("state1", "state2", "state3") if "state3" in state else ("state1", "state2"):
+            check(key, lambda t: (t.dtype == kind and t.shape == p.shape and t.device == device
+                                  and (one or t.stride() == p.stride())),
+                  f"a {kind} tensor like the parameter (shape {list(p.shape)}, strides {list(p.stride())}, {device})")
+        check("step", lambda t: t.dtype == torch.float32 and t.numel() == 1 and t.device == device,
+              f"a float32 tensor of one element on {device}")
+        if "gnorm_vec" in state:
+            check("gnorm_vec", lambda t: t.dtype == torch.float32 and t.numel() == 100 and t.device == device,
+                  f"a float32 tensor of 100 elements on {device}")
+        if kind == torch.uint8:
+            blocks = (p.numel() + BLOCK - 1) // BLOCK
+            check("absmax1", lambda t: t.dtype == torch.float32 and t.numel() in (blocks, 1) and t.device == device,
+                  f"float32 scales on {device}, {blocks} (one per block) or 1 (per tensor)")
+            n = state["absmax1"].numel()
+            for key in ("absmax2", "absmax3") if "state3" in state else ("absmax2",):
+                check(key, lambda t: t.dtype == torch.float32 and t.numel() == n and t.device == device,
+                      f"float32 scales on {device}, {n} as absmax1")
 
     def _gathered(self, params: list[torch.Tensor]) -> tuple[list, list, tuple[int, bool]]:
         """The gradients of `params`, their states (None where a parameter has none yet) and the
