@@ -120,6 +120,29 @@ def test_quantize_blockwise_of_nonfinite_and_tiny_blocks(device, signed):
     assert ((out[256:320] - x[256:320]).abs() <= 0.05 * 5e-39).all()  # (the map's steps near 1: ~2%)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sparse_argument_is_refused_by_name(device):
+    """The ops take dense tensors; a sparse one (COO or CSR) is named in a ValueError, not met
+    with the dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend"."""
+    info = {i.name: i for i in OPS}
+    for name, position, index in (("adam_step", 1, 0), ("adam8bit_step", 1, 0), ("percentile_clipping", 0, 0),
+                                  ("quantize_blockwise", 0, None)):
+        sample = next(iter(info[name].sample_inputs(device)))
+        args = list(clone(sample.args))
+        for to_sparse in (torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr):
+            if index is None:
+                dense, what = args[position], "x"
+                args[position] = to_sparse(dense.float().reshape(-1, 1))
+            else:
+                dense = args[position][index]
+                args[position] = [to_sparse(dense.reshape(-1, 1))] + list(args[position][1:])
+                what = re.escape(f"{info[name].op._schema.arguments[position].name}[{index}]")
+            with pytest.raises(ValueError, match=rf"adam8\.{name}: {what} has layout torch\.sparse_(coo|csr); the "
+                               "kernels take dense"):
+                info[name].op(*args, **sample.kwargs)
+            args = list(clone(sample.args))
+
+
 @pytest.mark.parametrize("info,device,index", error_params())
 def test_error_input_rejected_alike_by_kernel_and_fake(info, device, index):
     sample, error_type, regex = list(info.error_inputs(device))[index]
