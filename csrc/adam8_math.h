@@ -309,11 +309,17 @@ ADAM8_HD I keep_positive(I index, F x, int32_t first_positive) {
 
 constexpr float kMaxFloat = 3.40282347e+38f;  // FLT_MAX
 
-// Scale used to normalise a block by its absmax. An all-zero block maps to the code nearest 0, and
-// so does a block whose absmax is so small (below 1 / FLT_MAX, 2.9e-39, a subnormal) that its
-// inverse overflows to inf, which would give every nonzero value a full-scale code: such a block
-// is flushed to zero, as flush-to-zero hardware would.
+// A block is normalised as (x * block_prescale(absmax)) * inv_absmax(absmax). The prescale is 2^64
+// for a block below 2^-64, else 1: the inverse of a subnormal absmax would overflow (every nonzero
+// value would get a full-scale code), and as scaling by a power of two is exact, the result is
+// x * (1 / absmax) bit for bit wherever that does not overflow.
+ADAM8_HD float block_prescale(float absmax) { return absmax < 0x1p-64f ? 0x1p64f : 1.0f; }
+// The inverse, or 0, for which every value of the block gets the code nearest 0 (and a positive
+// second moment keep_positive's code: its sign is then read from the value itself, not from the
+// normalised 0): an all-zero block, and a block with a NaN or inf (absmax NaN or inf: it
+// dequantizes to NaN, 0 * inf).
 ADAM8_HD float inv_absmax(float absmax) {
+  absmax *= block_prescale(absmax);
   const float inv = 1.0f / absmax;
   return absmax > 0.0f && inv <= kMaxFloat ? inv : 0.0f;
 }
@@ -324,9 +330,6 @@ ADAM8_HD float inv_absmax(float absmax) {
 // (The sign is masked off the bits: the absolute value of a NaN may keep it on some hardware.)
 template <class F, class I>
 ADAM8_HD I abs_bits(F x) { return bits_of(x) & I(0x7fffffff); }
-// False for an absmax of NaN or inf: quantize_blockwise then gives every value of the block the
-// code nearest 0, so the block dequantizes to NaN (0 * inf; +-inf for a code without 0).
-ADAM8_HD bool finite_absmax(float absmax) { return absmax <= kMaxFloat; }
 
 template <class F, class I>
 ADAM8_HD F dequantize_one(I q, const float* code, F absmax) {

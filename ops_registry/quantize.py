@@ -47,16 +47,19 @@ def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int, keep
     padded[:n] = flat
     padded = padded.view(blocks, blocksize)
     absmax = padded.abs().amax(dim=1) if blocks else flat.new_zeros(0)  # (NaN where a NaN is)
-    # A block whose inverse overflows flushes to zero; a block holding a NaN or inf gets the code
-    # nearest 0 everywhere (csrc/adam8_math.h: inv_absmax, finite_absmax)
-    inv = 1.0 / absmax
-    inv = torch.where((absmax > 0) & inv.isfinite(), inv, torch.zeros_like(absmax))
+    # (x * pre) * inv, pre = 2^64 below 2^-64 (a subnormal absmax's inverse would overflow); an
+    # inverse of 0 (an all-zero block, one holding a NaN or inf) gives every value the code nearest
+    # 0, and keep_positive then reads the sign of the value itself (csrc/adam8_math.h: inv_absmax)
+    pre = torch.where(absmax < 2.0**-64, 2.0**64, 1.0)[:, None]
+    scaled = absmax[:, None] * pre
+    inv = 1.0 / scaled
+    inv = torch.where((scaled > 0) & inv.isfinite(), inv, torch.zeros_like(inv))
     bounds = (code[:-1] + code[1:]) / 2
-    normalized = torch.where(absmax.isfinite()[:, None], padded * inv[:, None], 0.0)
+    normalized = torch.where(inv == 0, 0.0, padded * pre * inv)
     q = torch.bucketize(normalized, bounds)
     if keep_positive:
         first_positive = min(int((code <= 0).sum()), code.numel() - 1)
-        q = torch.where(normalized > 0, q.clamp(min=first_positive), q)
+        q = torch.where(torch.where(inv == 0, padded, normalized) > 0, q.clamp(min=first_positive), q)
     q = q.to(torch.uint8)
     return q.reshape(-1)[:n].reshape(x.shape), absmax
 

@@ -492,6 +492,27 @@ def test_no_step_moves_a_parameter_further_than_adam_can(cls, amsgrad):
         assert (p.detach() - before).abs().max().item() <= bound * (1 + 1e-4), f"step {t}"
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_a_block_of_tiny_second_moments_never_outpaces_adamw(amsgrad):
+    """A block whose v are all below 1 / FLT_MAX (where 1 / absmax overflows) is quantized as any
+    other (block_prescale): flushed to zero, the steps after it moved parameters 2-3 times as far
+    as AdamW (found with eps = 1e-30, where eps does not hide it)."""
+    torch.manual_seed(0)
+    p8, pw = torch.nn.Parameter(torch.randn(512)), torch.nn.Parameter(torch.randn(512))
+    pw.data.copy_(p8.data)
+    opt8 = Adam8bit([p8], lr=1e-3, eps=1e-30, amsgrad=amsgrad, min_8bit_size=0)
+    optw = torch.optim.AdamW([pw], lr=1e-3, eps=1e-30, amsgrad=amsgrad, weight_decay=0.0)
+    for t in range(6):
+        g = torch.randn(512) * 1e-20 if t < 3 else torch.zeros(512)
+        p8.grad, pw.grad = g, g.clone()
+        before8, beforew = p8.detach().clone(), pw.detach().clone()
+        opt8.step()
+        optw.step()
+        move8, movew = (p8 - before8).abs().max().item(), (pw - beforew).abs().max().item()
+        assert move8 <= 1.1 * movew, (t, move8, movew)
+    assert opt8.state[p8]["absmax2"].max() < 2.9e-39  # (the case: 1 / absmax overflows)
+
+
 @pytest.mark.parametrize("case", ["steady", "then_zero"])
 def test_element_with_a_gradient_far_below_its_block_never_outpaces_adamw(case):
     """Its v is below the smallest code of its block: stored as that code, not as 0 (with 0, even

@@ -263,9 +263,9 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
     for (int k = 0; k < 3; ++k) new_scale[k] = fmax[k];
     requant = new_scale;
   }
-  quantize_run(x.m, b.n, inv_absmax(requant[0]), b.q[0], c.m);
-  quantize_run(x.v, b.n, inv_absmax(requant[1]), b.q[1], c.v, c.v_first_positive);
-  if (kAmsgrad) quantize_run(x.vm, b.n, inv_absmax(requant[2]), b.q[2], c.v, c.v_first_positive);
+  quantize_run(x.m, b.n, normaliser(x.m, b.n, requant[0]), b.q[0], c.m);
+  quantize_run(x.v, b.n, normaliser(x.v, b.n, requant[1]), b.q[1], c.v, c.v_first_positive);
+  if (kAmsgrad) quantize_run(x.vm, b.n, normaliser(x.vm, b.n, requant[2]), b.q[2], c.v, c.v_first_positive);
 }
 
 }  // namespace

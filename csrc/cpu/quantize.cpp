@@ -34,8 +34,7 @@ void quantize_block(const T* x, int64_t n, const QuantLut& lut, uint8_t* out, fl
   }
   const float amax = float_of(bits);
   *absmax = amax;
-  if (!finite_absmax(amax)) std::fill(xf, xf + n, 0.0f);  // a NaN or inf in the block: code(0) for all
-  quantize_run(xf, n, inv_absmax(amax), out, lut);
+  quantize_run(xf, n, normaliser(xf, n, amax), out, lut);
 }
 
 // Blocks per parallel task, so that one task holds about kTaskElems elements.

@@ -16,10 +16,25 @@ inline void lookup_codes(const uint8_t* q, int64_t n, const float* code, float* 
   for (int64_t i = 0; i < n; ++i) out[i] = code[q[i]];
 }
 
+// The inverse to quantize a block of scratch values x with (inv_absmax), x scaled by its prescale.
+inline float normaliser(float* x, int64_t n, float absmax) {
+  const float pre = block_prescale(absmax);
+  if (pre != 1.0f) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= pre;
+  }
+  return inv_absmax(absmax);
+}
+
 // out[i] = index of the code nearest to x[i] * inv, or first_positive where that is larger and
 // x[i] > 0 (keep_positive: the second moment's rule; 0 for none); x is scratch and is overwritten.
+// inv == 0 (inv_absmax): the code nearest 0 for every value, whatever it is (NaN, inf).
 inline void quantize_run(float* x, int64_t n, float inv, uint8_t* out, const QuantLut& lut,
                          int32_t first_positive = 0) {
+  if (inv == 0.0f) {
+    const int32_t zero = lut.fast ? code_index_lut<float, int32_t>(0.0f, lut) : code_index_search(0.0f, lut.bounds);
+    for (int64_t i = 0; i < n; ++i) store_code(out + i, keep_positive<float, int32_t>(zero, x[i], first_positive));
+    return;
+  }
   if (!lut.fast) {
     for (int64_t i = 0; i < n; ++i) {
       const float xn = x[i] * inv;

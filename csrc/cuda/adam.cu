@@ -299,12 +299,25 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
     max3 = tensor_scales->max3;
   }
   const float inv1 = inv_absmax(max1), inv2 = inv_absmax(max2), inv3 = inv_absmax(max3);
+  // Blocks below 2^-64 (block_prescale; the same for the whole warp, rarely taken)
+  const float pre1 = block_prescale(max1), pre2 = block_prescale(max2), pre3 = block_prescale(max3);
+  if (pre1 != 1.0f || pre2 != 1.0f || pre3 != 1.0f) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      x.m[j] *= pre1;
+      x.v[j] *= pre2;
+      x.vm[j] *= pre3;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     x.c1[j] = quantize_one(x.m[j] * inv1, lut1);
     const float v = x.v[j] * inv2, vm = x.vm[j] * inv3;
-    x.c2[j] = keep_positive<float, int32_t>(quantize_one(v, lut2), v, v_first_positive);
-    if (kAmsgrad) x.c3[j] = keep_positive<float, int32_t>(quantize_one(vm, lut2), vm, v_first_positive);
+    // (a block normalised by 0, inv_absmax: the sign from the value itself)
+    x.c2[j] = keep_positive<float, int32_t>(quantize_one(v, lut2), inv2 == 0.0f ? x.v[j] : v, v_first_positive);
+    if (kAmsgrad) {
+      x.c3[j] = keep_positive<float, int32_t>(quantize_one(vm, lut2), inv3 == 0.0f ? x.vm[j] : vm, v_first_positive);
+    }
   }
   store_lanes(static_cast<T*>(pack.ptr[0][t]) + x.offset, valid, x.vec, x.p);
   store_codes(static_cast<uint8_t*>(pack.ptr[2][t]) + x.offset, valid, x.vec, x.c1);

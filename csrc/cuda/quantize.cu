@@ -40,13 +40,12 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const T* x, int64_t 
   for (int w = 0; w < kThreads / 32; ++w) bits = imax(bits, warp_maxima[w]);
   const float amax = float_of(bits);
   if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
-  const float inv = inv_absmax(amax);
-  const bool finite = finite_absmax(amax);  // else code(0) for all (a NaN or inf in the block)
+  const float inv = inv_absmax(amax), pre = block_prescale(amax);
 #pragma unroll
   for (int j = 0; j < kMaxPer; ++j) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kThreads;
     if (i < len) {
-      const float xn = finite ? xs[j] * inv : 0.0f;
+      const float xn = inv == 0.0f ? 0.0f : xs[j] * pre * inv;  // (a NaN or inf in the block: 0 for all)
       q[begin + i] = static_cast<uint8_t>(lut.fast ? code_index_lut<float, int32_t>(xn, lut)
                                                    : code_index_search(xn, lut.bounds));
     }
