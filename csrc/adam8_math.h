@@ -307,8 +307,6 @@ ADAM8_HD I keep_positive(I index, F x, int32_t first_positive) {
   return imax(index, I(first_positive) & (I(0) - positive_as_int(x)));
 }
 
-constexpr float kMaxFloat = 3.40282347e+38f;  // FLT_MAX
-
 // A block is normalised as (x * block_prescale(absmax)) * inv_absmax(absmax). The prescale is 2^64
 // for a block below 2^-64, else 1: the inverse of a subnormal absmax would overflow (every nonzero
 // value would get a full-scale code), and as scaling by a power of two is exact, the result is
@@ -319,9 +317,7 @@ ADAM8_HD float block_prescale(float absmax) { return absmax < 0x1p-64f ? 0x1p64f
 // normalised 0): an all-zero block, and a block with a NaN or inf (absmax NaN or inf: it
 // dequantizes to NaN, 0 * inf).
 ADAM8_HD float inv_absmax(float absmax) {
-  absmax *= block_prescale(absmax);
-  const float inv = 1.0f / absmax;
-  return absmax > 0.0f && inv <= kMaxFloat ? inv : 0.0f;
+  return absmax > 0.0f ? 1.0f / (absmax * block_prescale(absmax)) : 0.0f;  // (NaN: 0; inf: 1 / inf = 0)
 }
 
 // |x|'s bits, whose integer maximum over a block is its absmax: for |x| the integer order is the

@@ -52,8 +52,7 @@ def quantize_reference(x: torch.Tensor, code: torch.Tensor, blocksize: int, keep
     # 0, and keep_positive then reads the sign of the value itself (csrc/adam8_math.h: inv_absmax)
     pre = torch.where(absmax < 2.0**-64, 2.0**64, 1.0)[:, None]
     scaled = absmax[:, None] * pre
-    inv = 1.0 / scaled
-    inv = torch.where((scaled > 0) & inv.isfinite(), inv, torch.zeros_like(inv))
+    inv = torch.where(scaled > 0, 1.0 / scaled, 0.0)  # (NaN: 0; inf: 1 / inf = 0)
     bounds = (code[:-1] + code[1:]) / 2
     normalized = torch.where(inv == 0, 0.0, padded * pre * inv)
     q = torch.bucketize(normalized, bounds)
