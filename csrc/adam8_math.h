@@ -327,6 +327,12 @@ ADAM8_HD float inv_absmax(float absmax) {
 template <class F, class I>
 ADAM8_HD I abs_bits(F x) { return bits_of(x) & I(0x7fffffff); }
 
+// A running block maximum of |x| kept as abs_bits (the 8-bit step's new absmax), and two such
+// maxima as floats merged: the same float maximum for finite values, NaN wherever a NaN sits.
+template <class F, class I>
+ADAM8_HD I max_abs_bits(I acc, F x) { return imax(acc, abs_bits<F, I>(x)); }
+ADAM8_HD float max_abs(float a, float b) { return float_of(max_abs_bits<float, int32_t>(abs_bits<float, int32_t>(a), b)); }
+
 template <class F, class I>
 ADAM8_HD F dequantize_one(I q, const float* code, F absmax) {
   return gather(code, q) * absmax;

@@ -123,6 +123,36 @@ def test_quantize_blockwise_of_nonfinite_and_tiny_blocks(device, signed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_wise", [True, False], ids=["blockwise", "per_tensor"])
+def test_8bit_step_absmax_of_a_nan_state_is_nan_wherever_it_sits(device, block_wise):
+    """A state block whose absmax is inf (a corrupt checkpoint) dequantizes to NaN at its zero
+    codes and to +-inf elsewhere. The step's new absmax of that block is then NaN, wherever the NaN
+    sits (the kernels' vector and scalar paths, every lane), as the reference's: a float maximum
+    kept or dropped the NaN depending on the order of its operands."""
+    from ops_registry.adam import _adam8bit_sample, adam8bit_reference
+
+    numel = 2 * 256 + 13  # block 2: 8 values for the vector path, 5 for the scalar one
+    for k in (0, 3, 7, 8, 100, 255, 256 + 8, 256 + 12):
+        sample = _adam8bit_sample(((numel,),), (torch.float32,), device,
+                                  options=() if block_wise else ("per_tensor",))
+        args = clone(sample.args)
+        state1, absmax1, qmap1 = args[2][0], args[6][0], args[9]
+        zero_code = int(qmap1.abs().argmin())
+        first = 256 if k < 256 else 512
+        state1[first:first + 256] = zero_code + 1  # +-inf after dequantization...
+        state1[first + k % 256] = zero_code  # ...and one NaN (0 * inf)
+        absmax1[first // 256 if block_wise else 0] = math.inf
+        args_r = clone(args)
+        torch.ops.adam8.adam8bit_step(*args, **sample.kwargs)
+        adam8bit_reference(*args_r, **sample.kwargs)
+        where = 2 if k >= 256 else 1
+        got, ref = (absmax1[where], args_r[6][0][where]) if block_wise else (absmax1[0], args_r[6][0][0])
+        assert got.isnan() and ref.isnan(), (k, got, ref)
+        if block_wise:  # the other blocks as usual
+            assert absmax1[0].isfinite() and absmax1[3 - where].isfinite()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_sparse_argument_is_refused_by_name(device):
     """The ops take dense tensors; a sparse one (COO or CSR) is named in a ValueError, not met
     with the dispatcher's "Could not run ... with arguments from the 'SparseCPU' backend"."""

@@ -29,33 +29,35 @@ void dispatch_bool(bool flag, F&& f) {
 // Running sums and maxima of a pre-pass over lanes of type F.
 template <class F>
 struct LaneStats {
-  F dir_sq{0.0f}, p_sq{0.0f}, max1{0.0f}, max2{0.0f}, max3{0.0f};
+  using I = typename Lane<F>::I;
+  F dir_sq{0.0f}, p_sq{0.0f};
+  I max1{0}, max2{0}, max3{0};  // abs_bits
 
   template <bool kAmsgrad, class M>
   void add(F p, F m, F v, F vm, M update, const AdamScalars& s) {
     const F d = adam_direction(m, kAmsgrad ? vm : v, s);
     dir_sq = dir_sq + vselect(update, d * d, F(0.0f));
     p_sq = p_sq + p * p;
-    max1 = vmax(max1, vabs(m));
-    max2 = vmax(max2, v);
-    max3 = vmax(max3, vm);
+    max1 = max_abs_bits<F, I>(max1, m);
+    max2 = max_abs_bits<F, I>(max2, v);
+    max3 = max_abs_bits<F, I>(max3, vm);
   }
   // Adds these lanes to `out` (sums in double, so a long tensor loses nothing).
   void flush(StepStats& out) const {
     out.dir_sq += reduce_sum(dir_sq);
     out.p_sq += reduce_sum(p_sq);
-    out.max1 = vmax(out.max1, reduce_max(max1));
-    out.max2 = vmax(out.max2, reduce_max(max2));
-    out.max3 = vmax(out.max3, reduce_max(max3));
+    out.max1 = max_abs(out.max1, float_of(reduce_imax(max1)));
+    out.max2 = max_abs(out.max2, float_of(reduce_imax(max2)));
+    out.max3 = max_abs(out.max3, float_of(reduce_imax(max3)));
   }
 };
 
 void merge(StepStats& into, const StepStats& s) {
   into.dir_sq += s.dir_sq;
   into.p_sq += s.p_sq;
-  into.max1 = vmax(into.max1, s.max1);
-  into.max2 = vmax(into.max2, s.max2);
-  into.max3 = vmax(into.max3, s.max3);
+  into.max1 = max_abs(into.max1, s.max1);
+  into.max2 = max_abs(into.max2, s.max2);
+  into.max3 = max_abs(into.max3, s.max3);
 }
 
 // Runs body(task, stats of that task) over every task in parallel, then returns the stats summed
@@ -231,8 +233,9 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
                  const float* requant, float* new_scale) {
   const AdamScalars s = s_ref;  // a local copy: stores through float pointers may alias the caller's
   Moments8<kAmsgrad, T> x(b, c);
-  Wide wmax[3] = {Wide(0.0f), Wide(0.0f), Wide(0.0f)};
-  float fmax[3] = {0.0f, 0.0f, 0.0f};
+  using WideI = typename Lane<Wide>::I;
+  WideI wmax[3] = {WideI(0), WideI(0), WideI(0)};  // abs_bits
+  int32_t bmax[3];
   int64_t i = 0;
   for (; i + W <= b.n; i += W) {
     x.template lanes<Wide>(b, i, s, skip_zeros, [&](int64_t j, Wide m, Wide v, Wide vm, auto update) {
@@ -241,12 +244,12 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
       store_lane(x.m + j, m);
       store_lane(x.v + j, v);
       if (kAmsgrad) store_lane(x.vm + j, vm);
-      wmax[0] = vmax(wmax[0], vabs(m));
-      wmax[1] = vmax(wmax[1], v);
-      wmax[2] = vmax(wmax[2], vm);
+      wmax[0] = max_abs_bits<Wide, WideI>(wmax[0], m);
+      wmax[1] = max_abs_bits<Wide, WideI>(wmax[1], v);
+      wmax[2] = max_abs_bits<Wide, WideI>(wmax[2], vm);
     });
   }
-  for (int k = 0; k < 3; ++k) fmax[k] = reduce_max(wmax[k]);
+  for (int k = 0; k < 3; ++k) bmax[k] = reduce_imax(wmax[k]);
   for (; i < b.n; ++i) {
     x.template lanes<float>(b, i, s, skip_zeros, [&](int64_t j, float m, float v, float vm, bool update) {
       const float p = Lane<float>::load(b.p + j);
@@ -254,13 +257,13 @@ void adam8_block(const Block8<kAmsgrad, T>& b, const Codes& c, const AdamScalars
       x.m[j] = m;
       x.v[j] = v;
       if (kAmsgrad) x.vm[j] = vm;
-      fmax[0] = vmax(fmax[0], vabs(m));
-      fmax[1] = vmax(fmax[1], v);
-      fmax[2] = vmax(fmax[2], vm);
+      bmax[0] = max_abs_bits<float, int32_t>(bmax[0], m);
+      bmax[1] = max_abs_bits<float, int32_t>(bmax[1], v);
+      bmax[2] = max_abs_bits<float, int32_t>(bmax[2], vm);
     });
   }
   if (requant == nullptr) {
-    for (int k = 0; k < 3; ++k) new_scale[k] = fmax[k];
+    for (int k = 0; k < 3; ++k) new_scale[k] = float_of(bmax[k]);
     requant = new_scale;
   }
   quantize_run(x.m, b.n, normaliser(x.m, b.n, requant[0]), b.q[0], c.m);

@@ -73,18 +73,10 @@ inline void store_lane(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
 inline void store_ints(int32_t* p, int32_t x) { *p = x; }
 inline int32_t load_ints(const int32_t* p, float*) { return *p; }
 inline void store_code(uint8_t* p, int32_t q) { *p = static_cast<uint8_t>(q); }
-inline float reduce_max(float x) { return x; }
 inline int32_t reduce_imax(int32_t x) { return x; }
 inline double reduce_sum(float x) { return x; }
 
 #ifdef ADAM8_HAVE_AVX2
-inline float reduce_max(VecF x) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
 inline int32_t reduce_imax(VecI x) {
   alignas(32) int32_t v[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(v), x.v);

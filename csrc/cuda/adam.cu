@@ -98,29 +98,29 @@ void launch_unorm(const PackScratch& s, int count, double max_unorm, cudaStream_
 // Sums and maxima of one thread's lanes, reduced over the warp, then added to the tensor's stats.
 struct ThreadStats {
   double dir_sq = 0.0, p_sq = 0.0;
-  float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
+  int32_t max1 = 0, max2 = 0, max3 = 0;  // abs_bits
 
   template <bool kAmsgrad>
   __device__ void add(float p, float m, float v, float vm, bool update, const AdamScalars& s) {
     const float d = adam_direction(m, kAmsgrad ? vm : v, s);
     dir_sq += update ? static_cast<double>(d * d) : 0.0;
     p_sq += static_cast<double>(p * p);
-    max1 = vmax(max1, vabs(m));
-    max2 = vmax(max2, v);
-    max3 = vmax(max3, vm);
+    max1 = max_abs_bits<float, int32_t>(max1, m);
+    max2 = max_abs_bits<float, int32_t>(max2, v);
+    max3 = max_abs_bits<float, int32_t>(max3, vm);
   }
   __device__ void flush(StepStats* out) {
     dir_sq = warp_sum(dir_sq);
     p_sq = warp_sum(p_sq);
-    max1 = warp_max(max1);
-    max2 = warp_max(max2);
-    max3 = warp_max(max3);
+    max1 = warp_max_bits(max1);
+    max2 = warp_max_bits(max2);
+    max3 = warp_max_bits(max3);
     if (threadIdx.x % 32 == 0) {
       atomicAdd(&out->dir_sq, dir_sq);
       atomicAdd(&out->p_sq, p_sq);
-      atomic_max_nonneg(&out->max1, max1);
-      atomic_max_nonneg(&out->max2, max2);
-      atomic_max_nonneg(&out->max3, max3);
+      atomic_max_bits(&out->max1, max1);
+      atomic_max_bits(&out->max2, max2);
+      atomic_max_bits(&out->max3, max3);
     }
   }
 };
@@ -274,20 +274,22 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
   const bool block_wise = tensor_scales == nullptr;
   Lanes8<kAmsgrad, T> x;
   x.load(pack, t, start, valid, block_wise, lut1, lut2);
-  float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
+  int32_t bits1 = 0, bits2 = 0, bits3 = 0;  // abs_bits
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     adam_update<kAmsgrad, true>(x.p[j], x.g[j], x.m[j], x.v[j], x.vm[j], s, skip_zeros);
     if (j < valid) {
-      max1 = vmax(max1, vabs(x.m[j]));
-      max2 = vmax(max2, x.v[j]);
-      max3 = vmax(max3, x.vm[j]);
+      bits1 = max_abs_bits<float, int32_t>(bits1, x.m[j]);
+      bits2 = max_abs_bits<float, int32_t>(bits2, x.v[j]);
+      bits3 = max_abs_bits<float, int32_t>(bits3, x.vm[j]);
     }
   }
+  float max1, max2, max3;
   if (block_wise) {
-    max1 = warp_max(max1);  // every lane has read the old absmax before lane 0 writes the new one
-    max2 = warp_max(max2);
-    max3 = warp_max(max3);
+    // (every lane has read the old absmax before lane 0 writes the new one)
+    max1 = float_of(warp_max_bits(bits1));
+    max2 = float_of(warp_max_bits(bits2));
+    max3 = float_of(warp_max_bits(bits3));
     if (threadIdx.x % 32 == 0) {
       static_cast<float*>(pack.ptr[5][t])[x.scale_index] = max1;
       static_cast<float*>(pack.ptr[6][t])[x.scale_index] = max2;

@@ -181,10 +181,15 @@ __device__ __forceinline__ void store_codes(uint8_t* q, int valid, bool vec, con
   }
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// The warp's maximum of abs_bits values (one REDUX instruction from sm_80 on).
+__device__ __forceinline__ int32_t warp_max_bits(int32_t x) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, x);
+#else
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = vmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) x = imax(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
+#endif
 }
 
 __device__ __forceinline__ double warp_sum(double x) {
@@ -193,9 +198,9 @@ __device__ __forceinline__ double warp_sum(double x) {
   return x;
 }
 
-// max for non-negative floats, whose bits order like ints.
-__device__ __forceinline__ void atomic_max_nonneg(float* address, float value) {
-  atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+// The maximum of a float's abs_bits and `bits` (non-negative, so their int order is the float order).
+__device__ __forceinline__ void atomic_max_bits(float* address, int32_t bits) {
+  atomicMax(reinterpret_cast<int*>(address), bits);
 }
 
 // ---------------------------------------------------------------- host helpers

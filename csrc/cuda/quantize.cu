@@ -31,8 +31,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const T* x, int64_t 
     xs[j] = i < len ? to_float(x[begin + i]) : 0.0f;
     bits = imax(bits, abs_bits<float, int32_t>(xs[j]));
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) bits = imax(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
+  bits = warp_max_bits(bits);
   if (threadIdx.x % 32 == 0) warp_maxima[threadIdx.x / 32] = bits;
   __syncthreads();
   bits = 0;
