@@ -797,6 +797,44 @@ def test_per_parameter_option_in_a_param_group_is_refused():
     with pytest.raises(ValueError, match=r"group 1 sets \['min_8bit_size'\]"):
         opt.add_param_group({"params": [emb], "min_8bit_size": 0})
     assert len(opt.param_groups) == 1
+    # The optimizer's own values pass: ZeroRedundancyOptimizer copies every constructor keyword into
+    # each group it hands the optimizer
+    opt = Adam8bit([{"params": [emb], "min_8bit_size": 0, "percentile_clipping": 5, "optim_bits": 8}],
+                   min_8bit_size=0, percentile_clipping=5)
+    opt.add_param_group({"params": [lin], "min_8bit_size": 0})
+
+
+def test_zero_redundancy_optimizer_with_per_optimizer_options(tmp_path):
+    """torch.distributed.optim.ZeroRedundancyOptimizer builds the optimizer with its keywords in every
+    group (min_8bit_size, percentile_clipping, block_wise...): it steps as the optimizer alone, bit for
+    bit, and its consolidated state_dict loads into the optimizer alone."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    options = dict(lr=1e-2, min_8bit_size=0, percentile_clipping=90, block_wise=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        zero_model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 4))
+        model = copy.deepcopy(zero_model)
+        zero = ZeroRedundancyOptimizer(zero_model.parameters(), optimizer_class=Adam8bit, **options)
+        alone = Adam8bit(model.parameters(), **options)
+        for _ in range(3):
+            x = torch.randn(8, 32)
+            for m, o in ((zero_model, zero), (model, alone)):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+        for a, b in zip(zero_model.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+        assert zero.optim.state[zero_model[1].bias]["state1"].dtype == torch.uint8  # min_8bit_size=0 applied
+        zero.consolidate_state_dict(to=0)
+        fresh = Adam8bit(copy.deepcopy(model).parameters(), **options)
+        fresh.load_state_dict(zero.state_dict())
+        for (p, s), (q, t) in zip(alone.state.items(), fresh.state.items()):
+            assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("cls", [Adam, Adam8bit, Adam32bit])
@@ -1242,3 +1280,65 @@ def test_a_learning_rate_of_any_real_number_type_steps():
         twin.step()
     for p, q in zip(params, twins):
         assert torch.equal(p, q)
+
+
+def test_lazy_module_parameters_step_after_their_first_forward():
+    """A lazy module's parameters have no shape until its first forward: the optimizer takes them
+    (as torch.optim and bitsandbytes do) and checks them at their first step; Adam32bit then steps
+    as AdamW."""
+    x = torch.randn(2, 8)
+    runs = []
+    for make in (lambda ps: Adam32bit(ps, lr=1e-2, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)):
+        model = torch.nn.LazyLinear(4)
+        opt = make(model.parameters())
+        torch.manual_seed(1)  # the same initial values once materialized
+        for _ in range(3):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    opt = Adam8bit(torch.nn.LazyLinear(4).parameters(), min_8bit_size=0)
+    with pytest.raises(ValueError, match=r"parameter 0 is uninitialized \(a lazy module's, before its first "
+                                         r"forward\).*run a forward first"):
+        opt.load_state_dict({"state": {0: {"step": 1}}, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def test_dtensor_parameters_are_refused_by_name(tmp_path):
+    """FSDP2 (fully_shard) and tensor parallelism make DTensor parameters, which the ops cannot take:
+    refused when the optimizer is made, naming the parameter, before any state exists (not at the
+    first step, after a half-made state)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        plain = torch.nn.Parameter(torch.randn(3))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(64, 8), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        for cls in (Adam32bit, Adam8bit):
+            with pytest.raises(TypeError, match=rf"{cls.__name__}: parameter 1 of group 0 \(shape \[64, 8\]\) is a "
+                                                r"DTensor \(FSDP2's fully_shard, tensor parallelism\)"):
+                cls([plain, sharded])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_betas_as_a_numpy_array_or_tensor_pair():
+    """Any pair works as torch.optim.AdamW takes it: a numpy array of two (a config file's), a tensor of two."""
+    import numpy as np
+
+    for betas in (np.array([0.9, 0.99]), torch.tensor([0.9, 0.99], dtype=torch.float64)):
+        p = torch.nn.Parameter(torch.randn(100))
+        q = torch.nn.Parameter(p.detach().clone())
+        opt, ref = Adam32bit([p], lr=0.1, betas=betas), torch.optim.AdamW([q], lr=0.1, betas=betas, weight_decay=0)
+        for _ in range(3):
+            p.grad = torch.randn(100)
+            q.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    for bad in ("ab", np.array([0.9]), 5):
+        with pytest.raises(ValueError, match=r"Invalid betas: .*; expected a pair \(beta1, beta2\)"):
+            Adam32bit([torch.nn.Parameter(torch.randn(3))], betas=bad)

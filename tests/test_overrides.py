@@ -322,3 +322,35 @@ def test_two_optimizers_do_not_collide(mng):
     assert mng.config_for(a[0]) == {"optim_bits": 32}
     assert mng.config_for(b[0]) == {"lr": 0.5}
     assert mng.config_for(a[1]) == {} and mng.config_for(b[1]) == {}
+
+
+# ------------------------------------------------------------------ bitsandbytes' own manager
+def test_bitsandbytes_manager_overrides_apply_after_an_import_swap(mng):
+    """Code that swapped only the optimizer's import keeps bitsandbytes' overrides: bnb.nn.StableEmbedding
+    registers {"optim_bits": 32} for its weight with bitsandbytes' manager, and bnb's documented order
+    (optimizer first, then override_config) takes effect at the next eager step, as in bitsandbytes.
+    Keys torchadam8 does not know are ignored, as bitsandbytes ignores keys an optimizer does not read;
+    a bad value of a known key is refused, naming bitsandbytes' manager."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torchadam8 import Adam8bit
+
+    bnb_mng = bnb.optim.GlobalOptimManager.get_instance()
+    bnb_mng.initialize()
+    try:
+        emb, lin, head = bnb.nn.StableEmbedding(1000, 64), nn.Linear(64, 64), nn.Linear(64, 80)
+        opt = Adam8bit([*emb.parameters(), *lin.parameters(), *head.parameters()], lr=1e-3)
+        bnb_mng.override_config(head.weight, key_value_dict={"optim_bits": 32, "t_alpha": 5})
+        head(lin(emb(torch.randint(0, 1000, (32,))))).square().mean().backward()
+        opt.step()
+        assert opt.state[emb.weight]["state1"].dtype == torch.float32
+        assert opt.state[head.weight]["state1"].dtype == torch.float32
+        assert opt.state[lin.weight]["state1"].dtype == torch.uint8
+        assert mng.config_for(emb.weight) == {"optim_bits": 32} and len(mng) == 0
+        mng.override_config(head.weight, "lr", 0.5)  # ours on top, key by key
+        assert mng.config_for(head.weight) == {"optim_bits": 32, "lr": 0.5}
+        bnb_mng.override_config(lin.weight, "optim_bits", 7)
+        with pytest.raises(ValueError, match=r"bitsandbytes' GlobalOptimManager .*\[64, 64\].*optim_bits must be 8 "
+                                             r"or 32, got 7"):
+            mng.config_for(lin.weight)
+    finally:
+        bnb_mng.initialize()

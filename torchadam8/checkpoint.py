@@ -133,6 +133,9 @@ def validated_state(opt, state_dict: dict[str, Any]):
         p = id_map[key]
         if isinstance(saved, dict) and not saved:  # no state yet (torch.optim's state dict makes one on a lookup)
             continue
+        if torch.nn.parameter.is_lazy(p):
+            raise ValueError(f"{where}: parameter {key} is uninitialized (a lazy module's, before its first "
+                             "forward), so a state cannot be checked against it: run a forward first")
         state[p] = _param_state(opt, p, saved, f"{where}: parameter {key} (shape {list(p.shape)})", from_bnb,
                                 configs[p])
     return state, new_groups

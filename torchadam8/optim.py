@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +14,7 @@ from . import _extension
 from . import functional as F
 from .functional import check_hyperparameters
 from .checkpoint import GNORM_SPEC, validated_state
-from .overrides import GlobalOptimManager, _validated
+from .overrides import GlobalOptimManager, _validated, bnb_overrides_key
 from .paged import PAGED_MIN_NUMEL, PagedTensor, paged_zeros_like, unwrap
 from ops_registry.checks import is_dense, memory_order
 
@@ -31,6 +32,13 @@ HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 def _check_param(p: torch.Tensor, where: str) -> None:
     """Refuses a parameter the kernels cannot update (at add_param_group, and at a step for one
     that was appended to a group's list or changed since)."""
+    if torch.nn.parameter.is_lazy(p):  # (a lazy module's, before its first forward: checked at its first step)
+        return
+    dtensor = sys.modules.get("torch.distributed.tensor")  # (no DTensor exists unless it was imported)
+    if dtensor is not None and isinstance(p, dtensor.DTensor):
+        raise TypeError(f"{where} is a DTensor (FSDP2's fully_shard, tensor parallelism), which the ops cannot "
+                        "take: not supported yet (DDP and ZeroRedundancyOptimizer work, and FSDP1 with 32-bit "
+                        "states)")
     if p.is_complex():
         raise ValueError(f"{where} is complex; view it as real with torch.view_as_real")
     if p.dtype not in PARAM_DTYPES:
@@ -235,6 +243,7 @@ class Adam(torch.optim.Optimizer):
         self._overrides: list[list[dict]] = []
         self._overrides_params: list[list[torch.Tensor]] = []
         self._overrides_version = -1
+        self._bnb_overrides: tuple = ()
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults)
@@ -288,8 +297,10 @@ class Adam(torch.optim.Optimizer):
                 raise ValueError(f"{name}: parameter {i} of group {index} is parameter {seen[id(p)]} again; "
                                  "list each parameter once")
             _check_param(p, self._where(p, index, i))
-        misplaced = [k for k in ARGS_KEYS if k in param_group]
-        if misplaced:  # torch.optim and bitsandbytes would keep them in the group and ignore them
+        # torch.optim and bitsandbytes would keep these in the group and ignore them. The optimizer's own
+        # values pass (ZeroRedundancyOptimizer copies every constructor keyword into each group).
+        misplaced = [k for k in ARGS_KEYS if k in param_group and param_group[k] != getattr(self.args, k)]
+        if misplaced:
             raise ValueError(f"{name}: group {index} sets {misplaced}, which are not per-group options: give them "
                              "to the constructor (or its args) for every parameter, or per parameter with "
                              "GlobalOptimManager.get_instance().override_config")
@@ -309,6 +320,7 @@ class Adam(torch.optim.Optimizer):
         self._overrides = [[self._manager.config_for(p) for p in g["params"]] for g in self.param_groups]
         self._overrides_params = [list(g["params"]) for g in self.param_groups]
         self._overrides_version = self._manager.version
+        self._bnb_overrides = bnb_overrides_key()
 
     def _config(self, p: torch.Tensor) -> dict[str, Any]:
         """The options of parameter p: the constructor's (or args'), its group's, then its overrides."""
@@ -335,7 +347,7 @@ class Adam(torch.optim.Optimizer):
 
         if self._overrides_version != self._manager.version or len(cached) != len(groups) or any(
             stale(gi) for gi in (range(len(groups)) if gindex is None else (gindex,))
-        ):
+        ) or self._bnb_overrides != bnb_overrides_key():  # (bitsandbytes' manager: eager steps and traces only)
             self._read_overrides()
         return self._overrides
 
@@ -420,7 +432,8 @@ class Adam(torch.optim.Optimizer):
             torch.ops.adam8.page_out(paged)
 
     def _where(self, p: torch.Tensor, gindex: int, pindex: int) -> str:
-        return f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {list(p.shape)})"
+        shape = "not yet known" if torch.nn.parameter.is_lazy(p) else list(p.shape)
+        return f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {shape})"
 
     def _follow_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
         """A parameter changed since its state was made (its data replaced, or moved to another memory

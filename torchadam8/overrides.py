@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -54,6 +55,41 @@ def _validated(config: Any, where: str) -> dict:
     return out
 
 
+def _bnb_manager():
+    """bitsandbytes' GlobalOptimManager when bitsandbytes is imported and its manager was made (never
+    imports it), else None."""
+    cls = getattr(sys.modules.get("bitsandbytes.optim.optimizer"), "GlobalOptimManager", None)
+    return getattr(cls, "_instance", None)
+
+
+def bnb_overrides_key() -> tuple:
+    """A snapshot of bitsandbytes' manager's overrides, unequal to an earlier one whenever one changed
+    (() when there is no such manager)."""
+    mng = _bnb_manager()
+    if mng is None:
+        return ()
+    return (tuple((pid, tuple(c.items())) for pid, c in getattr(mng, "pid2config", {}).items()),
+            tuple((id(m), a, tuple(c.items())) for m, a, c in getattr(mng, "module_weight_config_triple", ())))
+
+
+def _bnb_config(p: torch.Tensor) -> dict:
+    """The overrides bitsandbytes' manager holds for p, as bitsandbytes applies them: a module
+    override (``bnb.nn.StableEmbedding`` registers ``{"optim_bits": 32}`` for its weight) replaces
+    override_config's dict; keys bitsandbytes knows and torchadam8 does not are ignored, as
+    bitsandbytes ignores keys an optimizer does not read."""
+    mng = _bnb_manager()
+    if mng is None:
+        return {}
+    found = getattr(mng, "pid2config", {}).get(id(p))
+    for module, attr, config in getattr(mng, "module_weight_config_triple", ()):
+        if getattr(module, attr, None) is p:
+            found = config
+    if not found:
+        return {}
+    return _validated({k: v for k, v in found.items() if k in _RULES},
+                      f"bitsandbytes' GlobalOptimManager (its override for a {list(p.shape)} parameter)")
+
+
 def _tensors(parameters: Any, where: str, groups: bool = False) -> list:
     """A tensor, or an iterable of tensors (of param-group dicts too when `groups`), as a list of tensors."""
     if isinstance(parameters, torch.Tensor):
@@ -90,6 +126,9 @@ class GlobalOptimManager:
     - Precedence: for the same key, a module override wins over override_config (as in bnb, whose first
       step replaces the parameter's entry with the module's config); unlike bnb, the other keys of
       override_config are kept (merged), not dropped. Among module overrides, the later registered wins.
+    - bitsandbytes' own manager counts too, when bitsandbytes is imported: its overrides (those of
+      ``bnb.nn.StableEmbedding`` and ``bnb.nn.Embedding`` included) apply as in bnb, under this
+      manager's for the same key, so code that only swapped the optimizer's import keeps them.
     """
 
     _instance: GlobalOptimManager | None = None
@@ -179,14 +218,16 @@ class GlobalOptimManager:
         self.version += 1
 
     def config_for(self, p: torch.Tensor) -> dict:
-        """The override dict of parameter `p` ({} if none): override_config's keys, then module overrides'.
+        """The override dict of parameter `p` ({} if none): bitsandbytes' manager's, then override_config's
+        keys, then module overrides'.
 
         A fresh dict each call, holding only the overridden keys; the optimizer lays it over its own
         per-group and constructor values.
         """
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"config_for: expected a torch.Tensor, got {type(p).__name__}")
-        config = dict(self._params.get(p, ()))
+        config = _bnb_config(p)
+        config.update(self._params.get(p, ()))
         for ref, name, module_config in self._live_modules():
             if getattr(ref(), name, None) is p:
                 config.update(module_config)
