@@ -2,6 +2,7 @@
 checkpoints, and bad input (a clear error, the optimizer untouched)."""
 
 import copy
+import io
 import math
 import inspect
 import pickle
@@ -1339,6 +1340,76 @@ def test_betas_as_a_numpy_array_or_tensor_pair():
             opt.step()
             ref.step()
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-    for bad in ("ab", np.array([0.9]), 5):
+        buffer = io.BytesIO()  # (numpy scalars in a state_dict would not load with weights_only=True)
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        opt.load_state_dict(torch.load(buffer, weights_only=True))
+    for bad in ("ab", np.array([0.9]), 5, {0.9, 0.99}):
         with pytest.raises(ValueError, match=r"Invalid betas: .*; expected a pair \(beta1, beta2\)"):
             Adam32bit([torch.nn.Parameter(torch.randn(3))], betas=bad)
+
+
+def test_torch_optim_group_options_that_change_the_math_are_refused():
+    """A group copied from a torch optimizer's param_groups (or edited since) with maximize=True, or
+    decoupled_weight_decay=False beside weight decay (torch.optim.Adam's L2 penalty), would be
+    silently ignored: refused, at add_param_group and at a step, before anything changes. torch's
+    performance flags change nothing here and pass, as does decoupled_weight_decay=False without
+    weight decay (torch.optim.Adam's default groups)."""
+    def params():
+        return list(torch.nn.Linear(4, 3).parameters())
+
+    for cls in (Adam32bit, Adam8bit):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: group 0 sets maximize=True, which this optimizer "
+                                             r"does not support"):
+            cls([{"params": params(), "maximize": True}])
+        with pytest.raises(ValueError, match=r"group 1 sets decoupled_weight_decay=False with weight_decay=0.1: "
+                                             r"weight decay here is always decoupled"):
+            cls([{"params": params()}, {"params": params(), "decoupled_weight_decay": False, "weight_decay": 0.1}])
+        cls([{"params": params(), **torch.optim.Adam(params()).param_groups[0], "params": params()}])
+        ps = params()
+        opt = cls(ps)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.param_groups[0]["maximize"] = True
+        before = [p.clone() for p in ps]
+        with pytest.raises(ValueError, match=r"maximize=True"):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
+
+
+def test_a_torch_adamw_state_dict_is_named_when_refused():
+    model = torch.nn.Linear(4, 3)
+    adamw = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    adamw.step()
+    with pytest.raises(ValueError, match=r"got \['exp_avg', 'exp_avg_sq', 'step'\]; this is a torch.optim Adam / "
+                                         r"AdamW state dict"):
+        Adam32bit(model.parameters()).load_state_dict(adamw.state_dict())
+
+
+def test_grad_scaler_with_internal_unscaling_turned_off_on_the_instance():
+    """The README's way around frameworks that refuse gradient clipping for optimizers that unscale
+    internally (Lightning): with the instance's _step_supports_amp_scaling off, torch.amp.GradScaler
+    unscales (so the gradients can be clipped) and skips inf steps itself; the steps equal those
+    with the flag on."""
+    runs = []
+    for internal in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = Adam8bit(model.parameters(), min_8bit_size=0)
+        if not internal:
+            opt._step_supports_amp_scaling = False
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(4):
+            loss = model(torch.randn(16, 8)).square().mean() * (math.inf if step == 2 else 1.0)
+            scaler.scale(loss).backward()
+            if not internal:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # (allowed now: unscaled gradients)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()] + [opt.state[model.weight]["step"].clone()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert runs[0][-1] == 3  # the inf step skipped

@@ -352,5 +352,29 @@ def test_bitsandbytes_manager_overrides_apply_after_an_import_swap(mng):
         with pytest.raises(ValueError, match=r"bitsandbytes' GlobalOptimManager .*\[64, 64\].*optim_bits must be 8 "
                                              r"or 32, got 7"):
             mng.config_for(lin.weight)
+        bnb_mng.override_config(lin.weight, key_value_dict={"optim_bits": 8, "percentile_clipping": 5})
+        assert mng.config_for(lin.weight) == {"optim_bits": 8}  # (bnb reads percentile_clipping per optimizer)
+
+        # A checkpoint saved while the embedding had 8-bit state (before bnb's manager counted): the
+        # refusal names the override and how to keep the checkpoint's kind
+        saved = Adam8bit(emb.parameters(), min_8bit_size=0)
+        mng.override_config(emb.weight, "optim_bits", 8)
+        emb(torch.randint(0, 1000, (4,))).sum().backward()
+        saved.step()
+        state = saved.state_dict()
+        mng.reset()
+        with pytest.raises(ValueError, match=r"holds 8-bit state but this optimizer keeps 32-bit .*optim_bits=32 comes "
+                                             r"from bitsandbytes' GlobalOptimManager .*override_config\(param, "
+                                             r"'optim_bits', 8\)"):
+            Adam8bit(emb.parameters(), min_8bit_size=0).load_state_dict(state)
+        mng.override_config(emb.weight, "optim_bits", 8)
+        Adam8bit(emb.parameters(), min_8bit_size=0).load_state_dict(state)
+
+        lazy = nn.LazyLinear(4)  # an uninitialized parameter with a bnb override
+        bnb_mng.override_config(lazy.weight, "optim_bits", 32)
+        opt = Adam8bit(lazy.parameters(), min_8bit_size=0)
+        lazy(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        assert opt.state[lazy.weight]["state1"].dtype == torch.float32
     finally:
         bnb_mng.initialize()

@@ -54,6 +54,7 @@ import torch
 
 from ops_registry.checks import memory_order
 
+from .overrides import bnb_config
 from .functional import check_hyperparameters
 from .paged import paged_zeros_like
 from .qmap import dynamic_maps
@@ -192,7 +193,7 @@ def _state_as(opt, p: torch.Tensor, saved: Any, spec: dict, where: str, from_bnb
         saved = _unwrap_bnb(saved, where)
     saved_bits, bits = _bits(saved.get("state1")), _bits_of_dtype(spec["state1"][0])
     if saved_bits and bits and saved_bits != bits:
-        raise ValueError(_kind_mismatch(where, saved_bits, bits == 8))
+        raise ValueError(_kind_mismatch(where, saved_bits, bits == 8, p))
     if from_bnb:
         saved = _drop_bnb_extras(saved, spec, where)
     # Percentile clipping's history present or missing, whatever the options: the next step drops
@@ -216,7 +217,7 @@ def _state_as(opt, p: torch.Tensor, saved: Any, spec: dict, where: str, from_bnb
             if t.dtype != dtype:
                 got_bits = _bits(t)
                 if key.startswith("state") and got_bits and bits and got_bits != bits:
-                    raise ValueError(_kind_mismatch(where, got_bits, bits == 8))
+                    raise ValueError(_kind_mismatch(where, got_bits, bits == 8, p))
                 raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected {dtype}")
             if tuple(t.shape) != shape:
                 raise ValueError(f"{where}: {key} has shape {list(t.shape)} but the parameter has shape {list(shape)}")
@@ -307,12 +308,19 @@ def _bits(t) -> int | None:
     return _bits_of_dtype(t.dtype) if isinstance(t, torch.Tensor) else None
 
 
-def _kind_mismatch(where: str, saved_bits: int, eight_bit: bool) -> str:
-    return (
+def _kind_mismatch(where: str, saved_bits: int, eight_bit: bool, p: torch.Tensor) -> str:
+    message = (
         f"{where}: the checkpoint holds {saved_bits}-bit state but this optimizer keeps "
         f"{8 if eight_bit else 32}-bit state for it; load it into an optimizer with the same optim_bits "
         "and min_8bit_size (state is not converted between kinds)"
     )
+    if "optim_bits" in bnb_config(p):  # (a checkpoint saved before bitsandbytes' overrides counted)
+        message += (
+            f"; its optim_bits={bnb_config(p)['optim_bits']} comes from bitsandbytes' GlobalOptimManager "
+            "(bnb.nn.StableEmbedding and bnb.nn.Embedding register one): torchadam8.GlobalOptimManager."
+            f"get_instance().override_config(param, 'optim_bits', {saved_bits}) keeps the checkpoint's kind"
+        )
+    return message
 
 
 def _keys_mismatch(where: str, expected: list[str], got: list) -> str:
@@ -326,6 +334,8 @@ def _keys_mismatch(where: str, expected: list[str], got: list) -> str:
             ": build the optimizer with the options the checkpoint was saved with "
             "(state is not converted between kinds)"
         )
+    if "exp_avg" in got:
+        message += "; this is a torch.optim Adam / AdamW state dict, which this optimizer does not load"
     return message
 
 

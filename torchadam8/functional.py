@@ -96,7 +96,8 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "", read_te
     value = checked(eps, "epsilon value", may_be_tensor=False)
     if not 0.0 <= value:
         invalid(f"Invalid epsilon value: {eps}")
-    if isinstance(betas, (str, bytes)) or not (hasattr(betas, "__len__") and len(betas) == 2):  # (numpy's too)
+    # (a numpy array or a tensor of two too; not a set, whose order is not the user's)
+    if not ((isinstance(betas, (tuple, list)) or hasattr(betas, "__array__")) and len(betas) == 2):
         invalid(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
     for i, beta in enumerate(betas):
         value = checked(beta, f"beta parameter at index {i}")

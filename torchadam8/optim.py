@@ -48,6 +48,25 @@ def _check_param(p: torch.Tensor, where: str) -> None:
                          "the kernels update it in place and need contiguous memory")
 
 
+def _check_torch_keys(group: dict, where: str) -> None:
+    """Refuses torch.optim's group options that would change the math here (a group copied from a
+    torch optimizer's param_groups, or set since); its performance flags (foreach, fused, capturable,
+    differentiable) change nothing and pass."""
+    if group.get("maximize", False):
+        raise ValueError(f"{where} sets maximize=True, which this optimizer does not support (it minimizes); "
+                         "negate the loss instead")
+    if group.get("decoupled_weight_decay", True) is False and group["weight_decay"] != 0:
+        raise ValueError(f"{where} sets decoupled_weight_decay=False with weight_decay={group['weight_decay']}: "
+                         "weight decay here is always decoupled (AdamW's); for torch.optim.Adam's L2 penalty, "
+                         "add it to the loss")
+
+
+def _pair(betas) -> tuple:
+    """Checked betas as a tuple; numpy numbers as floats (a state_dict holding numpy scalars does not
+    load with torch.load(weights_only=True))."""
+    return tuple(b if isinstance(b, torch.Tensor) else float(b) for b in betas)
+
+
 class _Batch:
     """The argument lists of one op call, for parameters that share their state kind and options."""
 
@@ -245,7 +264,7 @@ class Adam(torch.optim.Optimizer):
         self._overrides_version = -1
         self._bnb_overrides: tuple = ()
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        defaults = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------ copies and pickles
@@ -306,8 +325,11 @@ class Adam(torch.optim.Optimizer):
                              "GlobalOptimManager.get_instance().override_config")
         group = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **group}
+        _check_torch_keys(merged, f"{name}: group {index}")
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"],
                               f"{name}: group {index}", amsgrad=merged["amsgrad"])
+        if "betas" in param_group:
+            param_group = {**param_group, "betas": _pair(param_group["betas"])}
         super().add_param_group({**param_group, "params": params})
         for p in tensors:  # made here, not in a (compiled) step, which cannot trace them
             self._qmap(p.device)
@@ -347,7 +369,7 @@ class Adam(torch.optim.Optimizer):
 
         if self._overrides_version != self._manager.version or len(cached) != len(groups) or any(
             stale(gi) for gi in (range(len(groups)) if gindex is None else (gindex,))
-        ) or self._bnb_overrides != bnb_overrides_key():  # (bitsandbytes' manager: eager steps and traces only)
+        ):
             self._read_overrides()
         return self._overrides
 
@@ -565,6 +587,8 @@ class Adam(torch.optim.Optimizer):
         args = tuple(getattr(self.args, k) for k in ARGS_KEYS)
         if check_all:
             _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")  # may have changed since
+            if self._bnb_overrides != bnb_overrides_key():  # (once per step; a compiled step: at its trace)
+                self._read_overrides()
             gathered = self._check_params()
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides(gi)[gi]
@@ -652,6 +676,7 @@ class Adam(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                                   f"{type(self).__name__}: group {gi}", read_tensors=False, amsgrad=group["amsgrad"])
+            _check_torch_keys(group, f"{type(self).__name__}: group {gi}")
         for gi, group in enumerate(self.param_groups):
             tensors: list = []
             used, layout = self._init_group(group, tensors, gi == 0)

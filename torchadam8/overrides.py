@@ -64,19 +64,26 @@ def _bnb_manager():
 
 def bnb_overrides_key() -> tuple:
     """A snapshot of bitsandbytes' manager's overrides, unequal to an earlier one whenever one changed
-    (() when there is no such manager)."""
+    (() when there are none): O(its entries), taken once per step."""
     mng = _bnb_manager()
-    if mng is None:
+    pids, triples = getattr(mng, "pid2config", None), getattr(mng, "module_weight_config_triple", None)
+    if not pids and not triples:
         return ()
-    return (tuple((pid, tuple(c.items())) for pid, c in getattr(mng, "pid2config", {}).items()),
-            tuple((id(m), a, tuple(c.items())) for m, a, c in getattr(mng, "module_weight_config_triple", ())))
+    return (tuple((pid, tuple(c.items())) for pid, c in pids.items()),
+            tuple((id(m), a, tuple(c.items())) for m, a, c in triples))
 
 
-def _bnb_config(p: torch.Tensor) -> dict:
+# The keys bitsandbytes 0.50.2 reads per parameter (Optimizer8bit.get_config); it reads the others
+# (percentile_clipping, block_wise, amsgrad) from the optimizer only.
+_BNB_KEYS = ("optim_bits", "min_8bit_size", "max_unorm", "skip_zeros", "lr", "betas", "eps", "weight_decay")
+
+
+def bnb_config(p: torch.Tensor) -> dict:
     """The overrides bitsandbytes' manager holds for p, as bitsandbytes applies them: a module
     override (``bnb.nn.StableEmbedding`` registers ``{"optim_bits": 32}`` for its weight) replaces
-    override_config's dict; keys bitsandbytes knows and torchadam8 does not are ignored, as
-    bitsandbytes ignores keys an optimizer does not read."""
+    override_config's dict, found by ``id(p)`` as bitsandbytes keys it (an entry left by a dead
+    parameter applies to a new one that reuses its id, in bitsandbytes too). Only the keys it reads
+    per parameter count; their values are checked as ours."""
     mng = _bnb_manager()
     if mng is None:
         return {}
@@ -86,8 +93,9 @@ def _bnb_config(p: torch.Tensor) -> dict:
             found = config
     if not found:
         return {}
-    return _validated({k: v for k, v in found.items() if k in _RULES},
-                      f"bitsandbytes' GlobalOptimManager (its override for a {list(p.shape)} parameter)")
+    shape = "not yet known" if torch.nn.parameter.is_lazy(p) else list(p.shape)
+    return _validated({k: v for k, v in found.items() if k in _BNB_KEYS},
+                      f"bitsandbytes' GlobalOptimManager (its override for a parameter of shape {shape})")
 
 
 def _tensors(parameters: Any, where: str, groups: bool = False) -> list:
@@ -226,7 +234,7 @@ class GlobalOptimManager:
         """
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"config_for: expected a torch.Tensor, got {type(p).__name__}")
-        config = _bnb_config(p)
+        config = bnb_config(p)
         config.update(self._params.get(p, ()))
         for ref, name, module_config in self._live_modules():
             if getattr(ref(), name, None) is p:
