@@ -1413,3 +1413,29 @@ def test_grad_scaler_with_internal_unscaling_turned_off_on_the_instance():
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert runs[0][-1] == 3  # the inf step skipped
+
+
+def test_each_group_is_scanned_once_per_step_and_no_gradient_is_kept(monkeypatch):
+    """The checks before a step scan every group (a bad parameter anywhere stops the step); each
+    group's batching then uses that scan, not a second one. Nothing of the step keeps a gradient
+    alive after it (zero_grad(set_to_none=True) frees them)."""
+    import weakref
+
+    from torchadam8 import optim as optim_module
+
+    calls = []
+    scan = optim_module._scan
+    monkeypatch.setattr(optim_module, "_scan", lambda *a: calls.append(len(a[0])) or scan(*a))
+    groups = [list(torch.nn.Linear(8, 8).parameters()) for _ in range(3)]
+    opt = Adam8bit([{"params": g} for g in groups], min_8bit_size=0)
+    for step in range(3):
+        for g in groups:
+            for p in g:
+                p.grad = torch.randn_like(p)
+        calls.clear()
+        opt.step()
+        # (the first step scans again after making the states)
+        assert calls == [2, 2, 2] * (2 if step == 0 else 1), (step, calls)
+    grads = [weakref.ref(p.grad) for g in groups for p in g]
+    opt.zero_grad(set_to_none=True)
+    assert all(ref() is None for ref in grads)

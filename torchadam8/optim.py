@@ -589,14 +589,17 @@ class Adam(torch.optim.Optimizer):
             _validated(dict(zip(ARGS_KEYS, args)), f"{type(self).__name__}: args")  # may have changed since
             if self._bnb_overrides != bnb_overrides_key():  # (once per step; a compiled step: at its trace)
                 self._read_overrides()
-            gathered = self._check_params()
+            # (each group's share of the check's scan: the later groups' calls of this step use theirs)
+            self._step_gathered = self._check_params()
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         overrides = self._current_overrides(gi)[gi]
         group_config = self._group_config(gi)
         # The batch key's options, for parameters without overrides (most): the same for the group.
         group_options = (group_config["percentile_clipping"], group_config["max_unorm"], group_config["skip_zeros"], ())
         params, all_states = group["params"], self.state
-        grads, states, (unusual, any_strided) = gathered[gi] if check_all else self._gathered(params)
+        grads, states, (unusual, any_strided) = self._step_gathered[gi]
+        if gi == len(self.param_groups) - 1:
+            self._step_gathered = None  # (holds the gradients: freed with them after the step)
         if unusual < 0 and not any(overrides):
             # Most steps: every state exists and is of the kind the group's options make; the
             # batches are made in C++ (the loop below costs about 1 us per parameter). None: the
