@@ -314,9 +314,10 @@ def _kind_mismatch(where: str, saved_bits: int, eight_bit: bool, p: torch.Tensor
         f"{8 if eight_bit else 32}-bit state for it; load it into an optimizer with the same optim_bits "
         "and min_8bit_size (state is not converted between kinds)"
     )
-    if "optim_bits" in bnb_config(p):  # (a checkpoint saved before bitsandbytes' overrides counted)
+    bits = bnb_config(p).get("optim_bits")
+    if bits is not None:  # (a checkpoint saved before bitsandbytes' overrides counted)
         message += (
-            f"; its optim_bits={bnb_config(p)['optim_bits']} comes from bitsandbytes' GlobalOptimManager "
+            f"; its optim_bits={bits} comes from bitsandbytes' GlobalOptimManager "
             "(bnb.nn.StableEmbedding and bnb.nn.Embedding register one): torchadam8.GlobalOptimManager."
             f"get_instance().override_config(param, 'optim_bits', {saved_bits}) keeps the checkpoint's kind"
         )
