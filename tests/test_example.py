@@ -92,3 +92,16 @@ def test_bench_refuses_a_bad_command_line(capsys, argv, message):
         bench.main([*argv, "--device", "cpu"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_amsgrad_runs_every_optimizer_with_its_third_state(capsys):
+    """--amsgrad: each optimizer keeps the running maximum of v (a third state: 12 B/param in fp32,
+    3 in 8-bit), and bitsandbytes, which has no amsgrad, is left out rather than run without it."""
+    from torchadam8 import bench
+
+    bench.main(["--device", "cpu", "--numel", "4096", "--steps", "1", "--warmup", "0", "--amsgrad"])
+    rows = {r.split("|")[1].strip(): float(r.split("|")[-2]) for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| ") and not r.startswith("| optimizer") and not r.startswith("| copy")}
+    # (plus the block scales, 3 floats per 256 values, and the step count)
+    assert rows == pytest.approx({"torchadam8.Adam8bit amsgrad": 3.047, "torchadam8.Adam32bit amsgrad": 12.0,
+                                  "torch Adam(fused=True) amsgrad": 12.0}, abs=2e-3), rows

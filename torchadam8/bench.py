@@ -5,6 +5,7 @@
     python -m torchadam8.bench --sets gpt2-medium --dtypes bf16 --steps 20
     python -m torchadam8.bench --compile-time       # cold torch.compile of the step, GPT-2-medium tensors
     python -m torchadam8.bench --device cuda --paged --sets gpt2-medium --peers torchadam8,fused
+    python -m torchadam8.bench --device cuda --amsgrad  # every optimizer with amsgrad=True
 
 Peers: torch.optim.Adam(fused=True) (32-bit, the bandwidth reference), bitsandbytes' Adam8bit and
 torchao's AdamW8bit when importable. GB/s counts the bytes a step must move (parameters read and
@@ -47,37 +48,43 @@ class Peer:
     bytes_per_param: Callable[[torch.dtype], int]  # bytes a step must move per parameter
 
 
-def _peers(device: str, paged: bool = False) -> list[Peer]:
+def _peers(device: str, paged: bool = False, amsgrad: bool = False) -> list[Peer]:
     import torchadam8
 
-    def eight(dt):  # p read+write, g read, two uint8 states read+write (absmax: ~1.6%, ignored)
-        return 3 * dt.itemsize + 4
+    states = 3 if amsgrad else 2  # amsgrad keeps a third state, the running maximum of v
 
-    def thirty_two(dt):  # p read+write, g read, two fp32 states read+write
-        return 3 * dt.itemsize + 16
+    def eight(dt):  # p read+write, g read, uint8 states read+write (absmax: ~1.6%, ignored)
+        return 3 * dt.itemsize + 2 * states
 
+    def thirty_two(dt):  # p read+write, g read, fp32 states read+write
+        return 3 * dt.itemsize + 8 * states
+
+    ams = " amsgrad" if amsgrad else ""
     peers = [
-        Peer("torchadam8.Adam8bit", lambda ps: torchadam8.Adam8bit(ps), eight),
-        Peer("torchadam8.Adam32bit", lambda ps: torchadam8.Adam32bit(ps), thirty_two),
+        Peer(f"torchadam8.Adam8bit{ams}", lambda ps: torchadam8.Adam8bit(ps, amsgrad=amsgrad), eight),
+        Peer(f"torchadam8.Adam32bit{ams}", lambda ps: torchadam8.Adam32bit(ps, amsgrad=amsgrad), thirty_two),
         # capturable: so that --graph can capture it (the same kernel, with lr and step on the device)
-        Peer("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, fused=True, capturable=device != "cpu"), thirty_two),
+        Peer(f"torch Adam(fused=True){ams}",
+             lambda ps: torch.optim.Adam(ps, fused=True, capturable=device != "cpu", amsgrad=amsgrad), thirty_two),
     ]
     if paged:  # the same steps with managed-memory states, prefetched each step; then paged out too
         for cls, width in ((torchadam8.PagedAdam8bit, eight), (torchadam8.PagedAdam32bit, thirty_two)):
-            peers.append(Peer(f"torchadam8.{cls.__name__}", lambda ps, c=cls: c(ps), width))
-            peers.append(Peer(f"torchadam8.{cls.__name__} + page-out", lambda ps, c=cls: c(ps, page_out_after_step=True),
-                              width))
-    try:
-        import bitsandbytes as bnb
+            peers.append(Peer(f"torchadam8.{cls.__name__}{ams}", lambda ps, c=cls: c(ps, amsgrad=amsgrad), width))
+            peers.append(Peer(f"torchadam8.{cls.__name__}{ams} + page-out",
+                              lambda ps, c=cls: c(ps, amsgrad=amsgrad, page_out_after_step=True), width))
+    if not amsgrad:  # (bitsandbytes' 8-bit Adam has no amsgrad)
+        try:
+            import bitsandbytes as bnb
 
-        peers.append(Peer(f"bitsandbytes {bnb.__version__} Adam8bit", lambda ps: bnb.optim.Adam8bit(ps), eight))
-    except Exception:  # not installed, or no backend for this device
-        pass
+            peers.append(Peer(f"bitsandbytes {bnb.__version__} Adam8bit", lambda ps: bnb.optim.Adam8bit(ps), eight))
+        except Exception:  # not installed, or no backend for this device
+            pass
     if device != "cpu":
         try:
             from torchao.optim import AdamW8bit
 
-            peers.append(Peer("torchao AdamW8bit", lambda ps: AdamW8bit(ps, weight_decay=0.0), eight))
+            peers.append(Peer(f"torchao AdamW8bit{ams}", lambda ps: AdamW8bit(ps, weight_decay=0.0, amsgrad=amsgrad),
+                              eight))
         except Exception:
             pass
     return peers
@@ -270,6 +277,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile-time", action="store_true", help="only the cold torch.compile time of the "
                         "step on the GPT-2-medium tensors, ours against torch.optim.AdamW")
     parser.add_argument("--scale", type=_positive, default=16, help="--compile-time: divide each dimension by this")
+    parser.add_argument("--amsgrad", action="store_true", help="every optimizer with amsgrad=True (bitsandbytes "
+                        "has none: left out)")
     parser.add_argument("--paged", action="store_true", help="add PagedAdam8bit / PagedAdam32bit, with and "
                         "without page_out_after_step (states in managed memory)")
     args = parser.parse_args(argv)
@@ -292,7 +301,7 @@ def main(argv=None) -> None:
     all_sets = parameter_sets(device)
     if args.numel:
         all_sets["single"] = [(args.numel,)]
-    peers = _peers(device, paged=args.paged)
+    peers = _peers(device, paged=args.paged, amsgrad=args.amsgrad)
     if args.peers:
         keys = args.peers.lower().split(",")
         peers = [p for p in peers if any(k in p.name.lower() for k in keys)]

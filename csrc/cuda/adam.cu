@@ -327,17 +327,21 @@ __device__ __forceinline__ void adam8bit_lanes(const Pack8& pack, int t, int64_t
   if (kAmsgrad) store_codes(static_cast<uint8_t*>(pack.ptr[4][t]) + x.offset, valid, x.vec, x.c3);
 }
 
-// Blocks of the 8-bit update asked to fit on one SM. At 1 the compiler gives it 78-80 registers
-// (sm_90, without amsgrad), so 3 blocks fit; 4 (the shared-memory limit) caps it at 64 registers
-// with 16-24 bytes of spill. Which is faster is for a GPU to say (scripts/gpu_check.sh measures
-// both); overridable at build time through TORCHADAM8_CUDA_FLAGS.
+// Blocks of the 8-bit update asked to fit on one SM (sm_90, 256 threads): left to itself the
+// compiler takes 82-96 registers, so only 2 blocks fit, and on an H100 a 1B-value step took 11.4 ms;
+// capped at 4 blocks (64 registers, 20-32 bytes of spill without amsgrad) it took 8.1 ms
+// (benchmarks/RESULTS.md, session 11). amsgrad's kernel spills 100-128 bytes at 64 registers and
+// none at 3 blocks (80). Overridable at build time (TORCHADAM8_CUDA_FLAGS) for tuning on a GPU.
 #ifndef ADAM8_8BIT_MIN_BLOCKS
-#define ADAM8_8BIT_MIN_BLOCKS 1
+#define ADAM8_8BIT_MIN_BLOCKS 4
+#endif
+#ifndef ADAM8_8BIT_MIN_BLOCKS_AMSGRAD
+#define ADAM8_8BIT_MIN_BLOCKS_AMSGRAD 3
 #endif
 
 // The update. `stats` (per-tensor scales) is nullptr for blockwise scales.
 template <bool kAmsgrad, class T>
-__global__ void __launch_bounds__(kThreads, ADAM8_8BIT_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, kAmsgrad ? ADAM8_8BIT_MIN_BLOCKS_AMSGRAD : ADAM8_8BIT_MIN_BLOCKS)
     adam8bit_kernel(Pack8 pack, const AdamScalars* scalars, bool skip_zeros, const StepStats* stats,
                     const float* code1, const float* code2, const int32_t* luts, const float* skip) {
   if (skip_step(skip)) return;
