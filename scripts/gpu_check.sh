@@ -78,10 +78,25 @@ if grep -q "crashed" "$out/tests_errors.log"; then
   # library's number formatting bind to, with and without the peers loaded?
   trigger="import torch, torchadam8._extension as e; e.load(); torch.ops.adam8.quantize_blockwise(torch.randn(300), torch.linspace(-1, 1, 255), 256)"
   for pre in "" "import bitsandbytes, torchao; "; do
-    LD_DEBUG=bindings,libs timeout 60 python3 -c "$pre$trigger" 2>&1 \
-      | grep -E "M_insertI[ldm]|calling init: .*libstdc" | sed 's/^ *[0-9]*://' | sort -u | head -12
-    echo "trigger ${pre:+after the peers }: rc ${PIPESTATUS[0]}"
+    LD_DEBUG=bindings,libs timeout 45 python3 -c "$pre$trigger" > /dev/null 2> /tmp/ld.txt
+    echo "trigger ${pre:+after the peers }: rc $?; the libstdc++ initialized, the library's number formatting, and any"
+    echo "iostream or locale symbol bound to something other than a libstdc++:"
+    { grep -E "calling init: .*libstdc" /tmp/ld.txt | sort -u
+      grep -E "binding file [^ ]*adam8_kernels.*M_insertI[ld]" /tmp/ld.txt | head -2
+      grep -E "normal symbol .(_ZNSo|_ZNSt6locale|_ZNSt8ios_base|_ZNSt9basic_ios|_ZNSt7__cxx1119basic_ostringstream)" /tmp/ld.txt | grep -vE "to [^ ]*libstdc\+\+" | head -6; } | sed 's/^ *[0-9]*:\s*//'
   done
+  # Loaded objects other than libstdc++ that export iostream / locale symbols (a static libstdc++ with
+  # its symbols exported, as this machine's nvidia libcufile exports some): they can interpose.
+  python3 - <<'PY'
+import subprocess, torch, torchadam8._extension as e
+e.load()
+paths = sorted({l.split()[-1] for l in open("/proc/self/maps") if ".so" in l.split()[-1]})
+for path in paths:
+    syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    hits = [w for w in ("_ZNSo9_M_insertIl", "_ZNSt6locale", "_ZNSt8ios_base", "_ZNKSt7num_put") if w in syms]
+    if hits and "libstdc++" not in path:
+        print("exports", ", ".join(hits), ":", path)
+PY
 fi
 
 if [ "$quick" != "tune" ]; then
