@@ -133,8 +133,8 @@ if [ "$quick" = "tune" ] || { [ "$quick" != "quick" ] && [ "$SECONDS" -lt 400 ];
   wait "$tune_build"; echo "tuning build: rc $? ($(tail -1 "$out/build_tune.log"))"
   tune_args=(--device cuda --sets single --numel 268435456 --steps 20 --peers torchadam8.adam8bit,fused)
   for build in default variant; do
+    if [ "$build" = default ]; then run=(timeout 60); else run=(env "${tune_env[@]}" timeout 60); fi
     for ams in "" --amsgrad; do
-      if [ "$build" = default ]; then run=(timeout 60); else run=(env "${tune_env[@]}" timeout 60); fi
       echo "# build: $build $ams" >> "$out/tune.log"
       "${run[@]}" python3 -m torchadam8.bench "${tune_args[@]}" $ams >> "$out/tune.log" 2>&1
     done

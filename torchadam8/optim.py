@@ -14,7 +14,7 @@ from . import _extension
 from . import functional as F
 from .functional import check_hyperparameters
 from .checkpoint import GNORM_SPEC, validated_state
-from .overrides import GlobalOptimManager, _validated, bnb_overrides_key
+from .overrides import GlobalOptimManager, _validated, bnb_overrides_key, shape_text
 from .paged import PAGED_MIN_NUMEL, PagedTensor, paged_zeros_like, unwrap
 from ops_registry.checks import is_dense, memory_order
 
@@ -454,8 +454,7 @@ class Adam(torch.optim.Optimizer):
             torch.ops.adam8.page_out(paged)
 
     def _where(self, p: torch.Tensor, gindex: int, pindex: int) -> str:
-        shape = "not yet known" if torch.nn.parameter.is_lazy(p) else list(p.shape)
-        return f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {shape})"
+        return f"{type(self).__name__}: parameter {pindex} of group {gindex} (shape {shape_text(p)})"
 
     def _follow_layout(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> None:
         """A parameter changed since its state was made (its data replaced, or moved to another memory

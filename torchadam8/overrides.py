@@ -55,6 +55,12 @@ def _validated(config: Any, where: str) -> dict:
     return out
 
 
+def shape_text(p: torch.Tensor):
+    """p's shape for a message: a list, or "not yet known" for a lazy module's parameter before its
+    first forward (reading its shape raises)."""
+    return "not yet known" if torch.nn.parameter.is_lazy(p) else list(p.shape)
+
+
 def _bnb_manager():
     """bitsandbytes' GlobalOptimManager when bitsandbytes is imported and its manager was made (never
     imports it), else None."""
@@ -93,9 +99,8 @@ def bnb_config(p: torch.Tensor) -> dict:
             found = config
     if not found:
         return {}
-    shape = "not yet known" if torch.nn.parameter.is_lazy(p) else list(p.shape)
     return _validated({k: v for k, v in found.items() if k in _BNB_KEYS},
-                      f"bitsandbytes' GlobalOptimManager (its override for a parameter of shape {shape})")
+                      f"bitsandbytes' GlobalOptimManager (its override for a parameter of shape {shape_text(p)})")
 
 
 def _tensors(parameters: Any, where: str, groups: bool = False) -> list:
